@@ -279,9 +279,14 @@ class LocalInfra:
 
     def _start(self, name: str) -> None:
         ports = ports_for(self.base_port)
-        for key, port in ports.items():
-            if (key == "redis") == (name == "redis") and not port_is_free(port):
+        mine = [(key, port) for key, port in ports.items() if (key == "redis") == (name == "redis")]
+        # A server stopped a moment ago may still hold its ports while the kernel tears its sockets down.
+        deadline = time.monotonic() + 15.0
+        while busy := [(k, p) for k, p in mine if not port_is_free(p)]:
+            if time.monotonic() > deadline:
+                key, port = busy[0]
                 raise InfraError(f"port {port} ({key}) is in use: stop what holds it or choose another base port")
+            time.sleep(0.2)
         logs = self.home / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         if name == "redis":
