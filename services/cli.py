@@ -94,6 +94,13 @@ def version() -> None:
     typer.echo(pkg_version("saev-platform"))
 
 
+# --- each area's commands (heavy imports stay inside the commands, so `saevctl --help` is fast) ---
+from services.worker.cli import jobs_app, worker_command  # noqa: E402
+
+app.add_typer(jobs_app, name="jobs")
+app.command("worker")(worker_command)
+
+
 def main() -> None:
     from sae_shared.settings import get_settings
     from sae_shared.telemetry import configure_logging
