@@ -178,9 +178,11 @@ def _s3_ready(port: int) -> bool:
 class LocalInfra:
     """Start, stop and inspect the local Redis and S3 servers that live under ``home``."""
 
-    def __init__(self, home: Path | str, base_port: int | None = None, grace_seconds: float = 10.0):
+    def __init__(self, home: Path | str, base_port: int | None = None, grace_seconds: float = 10.0,
+                 port_wait_seconds: float = 15.0):
         self.home = Path(home).absolute()
         self.grace_seconds = grace_seconds
+        self.port_wait_seconds = port_wait_seconds
         self._base_port = base_port
 
     # --- paths and persisted state ---
@@ -281,7 +283,7 @@ class LocalInfra:
         ports = ports_for(self.base_port)
         mine = [(key, port) for key, port in ports.items() if (key == "redis") == (name == "redis")]
         # A server stopped a moment ago may still hold its ports while the kernel tears its sockets down.
-        deadline = time.monotonic() + 15.0
+        deadline = time.monotonic() + self.port_wait_seconds
         while busy := [(k, p) for k, p in mine if not port_is_free(p)]:
             if time.monotonic() > deadline:
                 key, port = busy[0]

@@ -93,7 +93,7 @@ def test_busy_port_gives_a_clear_error(tmp_path):
         s.bind(("127.0.0.1", ports_for(base)["redis"]))
         s.listen()
         with pytest.raises(InfraError, match="in use"):
-            LocalInfra(tmp_path, base_port=base).up(timeout=5)  # waits ~15 s for the port first
+            LocalInfra(tmp_path, base_port=base, port_wait_seconds=0.5).up(timeout=5)
     LocalInfra(tmp_path).down()
 
 
