@@ -53,8 +53,14 @@ def _proto_files(proto_root: Path) -> list[Path]:
     return sorted(p.relative_to(proto_root) for p in proto_root.rglob("*.proto"))
 
 
+# The module name protoc gives the generated classes (`'saev.v1.x_pb2'`): pickle (Ray Serve pickles requests)
+# imports a class's module by that name, so it must be the real, importable path.
+_MODULE_NAME_RE = re.compile(r"'saev\.v1\.(\w+_pb2)'")
+
+
 def _rewrite_imports(text: str) -> str:
-    return _IMPORT_RE.sub(lambda m: f"{m.group(1)}{m.group(2)} {PACKAGE}.saev{m.group(3)}", text)
+    text = _IMPORT_RE.sub(lambda m: f"{m.group(1)}{m.group(2)} {PACKAGE}.saev{m.group(3)}", text)
+    return _MODULE_NAME_RE.sub(lambda m: f"'{PACKAGE}.saev.v1.{m.group(1)}'", text)
 
 
 def _run_protoc(proto_root: Path, out_dir: Path) -> None:

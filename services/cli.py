@@ -101,6 +101,16 @@ app.add_typer(jobs_app, name="jobs")
 app.command("worker")(worker_command)
 
 
+from services.serve_cli import encode_command, intervene_command, serve_command  # noqa: E402
+
+app.command("serve")(serve_command)
+app.command("encode")(encode_command)
+app.command("intervene")(intervene_command)
+
+
+
+
+
 def main() -> None:
     from sae_shared.settings import get_settings
     from sae_shared.telemetry import configure_logging

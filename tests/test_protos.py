@@ -117,3 +117,16 @@ def test_importing_proto_package_needs_no_grpc_or_protobuf() -> None:
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+def test_messages_pickle_by_their_real_module_path():
+    """Ray Serve pickles requests between its proxy and replicas: the class's module must be importable."""
+    import pickle
+
+    from sae_shared.proto.saev.v1 import common_pb2, sae_pb2
+
+    assert common_pb2.Tensor.__module__ == "sae_shared.proto.saev.v1.common_pb2"
+    msg = sae_pb2.DecodeRequest() if hasattr(sae_pb2, "DecodeRequest") else common_pb2.Tensor()
+    assert pickle.loads(pickle.dumps(msg)) == msg
+    t = common_pb2.Tensor(shape=[2, 3])
+    assert pickle.loads(pickle.dumps(t)) == t

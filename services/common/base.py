@@ -1,0 +1,46 @@
+"""What every model service replica sets up the same way: threads, device, limits, auth, model cache, store."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from sae_shared.settings import Settings
+from services.common.auth import ApiKeyCheck, digests_of
+from services.common.cache import ModelCache
+from services.common.compute import compute_thread
+from services.common.config import ModelServiceArgs
+from services.common.limits import Limits
+
+
+class ModelServiceBase:
+    """Shared constructor pieces and the HTTP answer of a gRPC-only service."""
+
+    def _setup(self, args: ModelServiceArgs, settings: Settings, cache_name: str,
+               size_of: Callable[[Any], int]) -> None:
+        import torch
+
+        threads = args.resolved_threads(settings)
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.args, self.settings = args, settings
+        self.device = args.resolved_device(settings)
+        self.limits = Limits.from_settings(settings)
+        self.auth = ApiKeyCheck(digests_of(settings.api_key_values()))
+        self.cache: ModelCache = ModelCache(cache_name, args.batching.cache_bytes, size_of)
+        self.pool = compute_thread(threads)
+        self._store = None
+
+    def _open_store(self):
+        if self._store is None:
+            from sae_shared.storage import open_store
+
+            self._store = open_store(self.settings)
+        return self._store
+
+    async def __call__(self, request):
+        """Plain HTTP reaching this application: point at the gateway's API instead of failing."""
+        from starlette.responses import JSONResponse
+
+        return JSONResponse({"error": {"code": "NOT_FOUND", "field": "", "message": (
+            "this service speaks gRPC only; use the gateway's HTTP API under /v1 (see /openapi.json)")}},
+            status_code=404)
