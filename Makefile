@@ -24,8 +24,14 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 demo: venv ## Start the local servers and run the main job on the embedded default
 	$(BIN)/saevctl demo
 
-test: venv ## Install, then run the whole test suite (as root: inside a loopback-only network namespace)
+test: venv $(VENV)/checkov/bin/checkov ## Install, then run the whole test suite (as root: inside a loopback-only network namespace)
 	scripts/run-tests.sh
+
+# checkov (manifest linting in tests/deploy) pins packages that conflict with the platform's: its own venv, made
+# here, before the tests run without network.
+$(VENV)/checkov/bin/checkov: tests/deploy/checkov-requirements.txt | $(STAMP)
+	$(BIN)/python -m venv $(VENV)/checkov
+	$(VENV)/checkov/bin/pip install --disable-pip-version-check -q -r tests/deploy/checkov-requirements.txt
 
 protos: venv ## Regenerate the gRPC stubs from protos/
 	$(BIN)/python scripts/gen_protos.py

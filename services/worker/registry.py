@@ -15,9 +15,13 @@ from sae_shared.jobs import JOB_TYPES
 
 BUILTIN: dict[str, str] = {
     "count": "services.worker.handlers:run_count",
+    "record": "services.worker.record_handler:run_record",
+    "train": "services.worker.train_handler:run_train",
+    "analyze": "services.worker.analyze_handler:run_analyze",
+    "train-head": "services.worker.train_head_handler:run_train_head",
+    "experiment": "services.worker.experiment_handler:run_experiment",
 }
-"""Job type -> ``module:function`` of its handler. The record/train/analyze/train-head/experiment handlers are
-added here by the issues that implement them."""
+"""Job type -> ``module:function`` of its handler."""
 
 
 @dataclass(frozen=True)
