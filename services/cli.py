@@ -127,12 +127,20 @@ app.command("serve")(serve_command)
 app.command("encode")(encode_command)
 app.command("intervene")(intervene_command)
 
+from services.sae_cli import sae_app, train_command  # noqa: E402
+
+app.add_typer(sae_app, name="sae")
+app.command("train")(train_command)
 
 from services.analysis_cli import analysis_app, analyze_command  # noqa: E402
 
 app.add_typer(analysis_app, name="analysis")
 app.command("analyze")(analyze_command)
 
+from services.experiment_cli import experiment_command, train_head_command  # noqa: E402
+
+app.command("train-head")(train_head_command)
+app.command("experiment")(experiment_command)
 
 
 def main() -> None:

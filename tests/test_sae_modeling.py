@@ -251,9 +251,41 @@ def test_topk_training_gradients_equal_the_dense_reference_path(monkeypatch, var
 
     fast = grads()
     monkeypatch.setattr(modeling, "sparse_decode", modeling.sparse_decode_reference)
+    monkeypatch.setattr(modeling, "sampled_pre", modeling.sampled_pre_reference)  # TopK's sparse encoder backward
     dense = grads()
     for name in fast:
-        torch.testing.assert_close(fast[name], dense[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(fast[name], dense[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("variant", [TopK(k=5, k_aux=9), Relu(l1_coeff=3e-2)], ids=["topk", "relu"])
+def test_training_gradients_equal_plain_autograd_of_the_formula(variant):
+    """The fast training paths (TopK's sampled encoder backward, ReLU's ``b_enc - b_dec W_enc`` rewrite and its
+    abs-free L1) give the gradients of the plain formula."""
+    x = raw_x()
+    dead = torch.arange(S) % 3 == 0
+    sae = make_sae(variant)
+    sae.train()
+    sae(x, dead_mask=dead).loss.backward()
+    fast = {name: p.grad.clone() for name, p in sae.named_parameters()}
+
+    ref = make_sae(variant)
+    x_n = (x - ref.norm_mean) / ref.norm_scale
+    pre = (x_n - ref.b_dec) @ ref.W_enc + ref.b_enc
+    if isinstance(variant, TopK):
+        vals, idx = pre.topk(variant.k, dim=-1)
+        f = torch.zeros_like(pre).scatter(1, idx, vals.relu())
+        recon = f @ ref.W_dec + ref.b_dec
+        masked = pre.masked_fill(~dead, float("-inf"))
+        a_vals, a_idx = masked.topk(variant.k_aux, dim=-1)
+        e_hat = torch.zeros_like(pre).scatter(1, a_idx, a_vals.relu()) @ ref.W_dec
+        loss = (recon - x_n).pow(2).mean() + variant.aux_coeff * (e_hat - (x_n - recon).detach()).pow(2).mean()
+    else:
+        f = pre.relu()
+        recon = f @ ref.W_dec + ref.b_dec
+        loss = (recon - x_n).pow(2).mean() + variant.l1_coeff * f.abs().sum(-1).mean()
+    loss.backward()
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(fast[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 # --------------------------------------------------------------------------------- decoder constraints

@@ -227,5 +227,5 @@ def test_train_sae_records_the_contract_and_refuses_bad_data():
         train_sae(cfg, torch.randn(200, 32))
     with pytest.raises(ValueError, match="NaN"):
         train_sae(cfg, torch.full((1000, 32), float("nan")))
-    with pytest.raises(NotImplementedError, match="train` job"):
+    with pytest.raises(ValueError, match="needs store="):  # a shard-set id needs the store it lives in
         train_sae(cfg, "acts-0123")

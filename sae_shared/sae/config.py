@@ -363,3 +363,18 @@ def _check_keys(obj: dict[str, Any], cls: type, what: str) -> None:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+def train_config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """JSON form of a ``TrainConfig`` (members as ``{"sae": ..., "lr": ...}``, the contract as an object)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name == "members":
+            value = [{"sae": sae_config_to_dict(m.sae), "lr": m.lr} for m in value]
+        elif f.name == "contract":
+            value = None if value is None else contract_to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out

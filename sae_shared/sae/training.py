@@ -53,7 +53,8 @@ class TrainMetrics(NamedTuple):
     n_dead: int
     """Latents that have not fired in the last ``dead_window_tokens`` tokens."""
     n_dense: int
-    """Latents that fired on more than 1e-2 of the tokens since the previous log."""
+    """Latents that fired on more than 1e-2 of the tokens since the previous log (of the logged step's batch for
+    dense codes, ReLU and BatchTopK, whose exact per-latent counts are taken only on logged steps)."""
     decoder_coherence: float
     """Largest |cosine| between distinct decoder rows."""
 
@@ -160,13 +161,12 @@ class Trainer:
                     sae.b_dec.copy_(geometric_median(sae.normalise(sample)))
             sae.train()
             self.saes.append(sae)
-            self.optimizers.append(
-                torch.optim.Adam(sae.parameters(), lr=member.lr, betas=config.adam_betas, eps=config.adam_eps)
-            )
+            self.optimizers.append(_adam(sae, member.lr, config))
         # Per member: tokens since each latent last fired (dead detection) and fires since the last log (dense).
         self.since_fired = [torch.zeros(m.sae.d_sae, dtype=torch.int64, device=self.device) for m in config.members]
         self.window_fires = [torch.zeros(m.sae.d_sae, dtype=torch.int64, device=self.device) for m in config.members]
         self.window_tokens = 0
+        self.window_counted = [0 for _ in config.members]  # tokens whose fires were counted, per member
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of the peak lr at 0-based ``step``: linear warmup, then constant or cosine to 0."""
@@ -205,7 +205,7 @@ class Trainer:
                 sparsity_scale = min(1.0, (step + 1) / cfg.variant.l1_warmup_steps)
 
             with self._autocast():
-                out = sae(batch_nd, dead_mask=dead_mask, sparsity_scale=sparsity_scale)
+                out = sae(batch_nd, dead_mask=dead_mask, sparsity_scale=sparsity_scale, metrics=log_now)
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
             if cfg.remove_parallel_grad:
@@ -216,10 +216,12 @@ class Trainer:
             if cfg.normalize_decoder:
                 sae.normalize_decoder_()
 
-            fires_s = _fire_counts(out.codes, cfg.d_sae)
+            fired_s = out.fired if out.fired is not None else _fire_counts(out.codes, cfg.d_sae) > 0
             self.since_fired[i] += n
-            self.since_fired[i][fires_s > 0] = 0
-            self.window_fires[i] += fires_s
+            self.since_fired[i][fired_s] = 0
+            if out.fires is not None:
+                self.window_fires[i] += out.fires
+                self.window_counted[i] += n
             outs.append((out, lr))
 
         self.step_count += 1
@@ -243,7 +245,8 @@ class Trainer:
                     sparsity=float(out.sparsity.detach()),
                     aux=float(out.aux.detach()),
                     n_dead=int((self.since_fired[i] >= self.config.dead_window_tokens).sum()),
-                    n_dense=int((self.window_fires[i].double() / self.window_tokens > DENSE_FREQUENCY).sum()),
+                    n_dense=int((self.window_fires[i].double() / max(1, self.window_counted[i]) > DENSE_FREQUENCY)
+                                .sum()),
                     decoder_coherence=coherence,
                 )
                 self.history[i].append(m)
@@ -251,6 +254,7 @@ class Trainer:
                 if self.on_metrics is not None:
                     self.on_metrics(m)
                 self.window_fires[i].zero_()
+                self.window_counted[i] = 0
             self.window_tokens = 0
         return logged
 
@@ -269,10 +273,11 @@ class Trainer:
                     "optimizer": opt.state_dict(),
                     "since_fired": since.clone(),
                     "window_fires": window.clone(),
+                    "window_counted": counted,
                     "history": [m._asdict() for m in hist],
                 }
-                for sae, opt, since, window, hist in zip(
-                    self.saes, self.optimizers, self.since_fired, self.window_fires, self.history
+                for sae, opt, since, window, counted, hist in zip(
+                    self.saes, self.optimizers, self.since_fired, self.window_fires, self.window_counted, self.history
                 )
             ],
         }
@@ -289,7 +294,17 @@ class Trainer:
             self.optimizers[i].load_state_dict(member["optimizer"])
             self.since_fired[i].copy_(member["since_fired"])
             self.window_fires[i].copy_(member["window_fires"])
+            self.window_counted[i] = int(member.get("window_counted", self.window_tokens))
             self.history[i] = [TrainMetrics(**m) for m in member["history"]]
+
+
+def _adam(sae: SparseAutoencoder, lr: float, config: TrainConfig) -> torch.optim.Optimizer:
+    """Adam, fused where torch has the kernel (CPU and CUDA): one pass over each parameter instead of ~8 (measured
+    here at d=768, d_sae=12288: 15 ms a step against 170 ms)."""
+    try:
+        return torch.optim.Adam(sae.parameters(), lr=lr, betas=config.adam_betas, eps=config.adam_eps, fused=True)
+    except (RuntimeError, ValueError):  # a device without the fused kernel
+        return torch.optim.Adam(sae.parameters(), lr=lr, betas=config.adam_betas, eps=config.adam_eps)
 
 
 def _fire_counts(codes: Tensor | SparseCodes, d_sae: int) -> Tensor:
@@ -345,17 +360,47 @@ def finish(trainer: Trainer, heldout: Tensor | Iterable[Tensor], *, source: str 
 
 
 def train_sae(
-    config: TrainConfig, data: Tensor | str, *, on_metrics: MetricsCallback | None = None
+    config: TrainConfig,
+    data: Tensor | str,
+    *,
+    on_metrics: MetricsCallback | None = None,
+    store: Any = None,
+    layer: int | None = None,
+    tokens: str = "patches",
 ) -> TrainResult:
-    """Train ``config``'s sweep on raw activations ``data [n, d_model]`` and evaluate it on a held-out split.
+    """Train ``config``'s sweep and evaluate it on a held-out split.
 
-    A seeded permutation holds out ``heldout_fraction`` of the rows; batches are drawn from the rest in a fresh
-    seeded order each epoch. Steps = ``n_tokens // batch_size`` (one epoch when ``n_tokens`` is None).
+    ``data`` is either raw activations ``[n, d_model]`` in memory, or the id of a shard set in ``store`` (an
+    ``sae_shared.storage.ObjectStore``), read layer ``layer`` (default: the set's only layer) and token selection
+    ``tokens``.
+
+    In memory, a seeded permutation holds out ``heldout_fraction`` of the rows and batches are drawn from the rest in
+    a fresh seeded order each epoch. From a shard set, the last ``heldout_fraction`` of its rows (images) are held
+    out and batches stream from the shuffled reader over the others (``sae_shared.sae.sharded``); the contract is
+    the set's backbone, ``layer`` and ``tokens``. Steps = ``n_tokens // batch_size`` (one epoch when ``n_tokens`` is
+    None). For checkpoints and resumption use ``sharded.ShardSetTraining`` (what the ``train`` job runs).
     """
     if isinstance(data, str):
-        raise NotImplementedError(
-            "training from a shard-set id runs as a `train` job (saevctl train ...); pass an [n, d_model] tensor here"
-        )
+        from sae_shared.sae.sharded import ShardSetTraining
+
+        if store is None:
+            raise ValueError(f"training from shard set {data!r} needs store= (an sae_shared.storage.ObjectStore)")
+        if layer is None:
+            from sae_shared.shards import ShardSet
+
+            shard_set = ShardSet(store, data)
+            layers = shard_set.metadata.layers
+            shard_set.close()
+            if len(layers) != 1:
+                raise ValueError(f"shard set {data!r} holds layers {list(layers)}: pass layer= to choose one")
+            layer = layers[0]
+        run = ShardSetTraining(config, store, data, layer=layer, tokens=tokens, on_metrics=on_metrics)
+        try:
+            for _ in run:
+                pass
+            return run.finish()
+        finally:
+            run.close()
     _check_data(data, config.d_model, "data")
     gen = torch.Generator().manual_seed(config.seed)
     n = data.shape[0]
