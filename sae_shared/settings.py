@@ -31,9 +31,9 @@ def default_home() -> Path:
 class _ConnectionFileSource(PydanticBaseSettingsSource):
     """Values written by ``saevctl infra up`` for local runs (lower precedence than the environment)."""
 
-    def __init__(self, settings_cls: type[BaseSettings]):
+    def __init__(self, settings_cls: type[BaseSettings], home: Path | str | None = None):
         super().__init__(settings_cls)
-        path = default_home() / CONNECTION_FILE
+        path = (Path(home).expanduser() if home else default_home()) / CONNECTION_FILE
         try:
             self._values: dict[str, Any] = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -131,7 +131,9 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _ConnectionFileSource(settings_cls))
+        # The connection file of the home given as an argument, else of $SAEV_HOME (or .saev/).
+        home = getattr(init_settings, "init_kwargs", {}).get("home")
+        return (init_settings, env_settings, _ConnectionFileSource(settings_cls, home))
 
     # --- requirements, checked where a component starts ---
 

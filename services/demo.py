@@ -118,7 +118,7 @@ class Demo:
         sweep = self.run("train SAE sweep", "train", {
             "acts_id": lfw["acts_id"], "layer": LAYER, "tokens": "patches", "d_sae": d_sae,
             "steps": 60 if self.quick else 300, "batch_size": 2048, "warmup_steps": 20, "variant": "topk", "k": 16,
-            "sweep": [{"variant": "topk", "k": 16}, {"variant": "topk", "k": 32}, {"variant": "relu", "l1_coeff": 4e-3}],
+            "sweep": [{"variant": "topk", "k": 16}, {"variant": "topk", "k": 32}, {"variant": "relu", "l1_coeff": 0.1}],
             "log_every": 20, "checkpoint_every": 100, "autocast": "bf16",
         })
         best = pick_best(sweep)
@@ -147,11 +147,11 @@ class Demo:
 
 def pick_best(sweep: dict[str, Any]) -> dict[str, Any]:
     """The member with the lowest held-out normalised MSE among those at or under the sweep's median L0."""
-    members = sweep["members"]
-    l0s = sorted(m["evaluation"]["l0"] for m in members)
+    members = sweep["saes"]
+    l0s = sorted(m["l0"] for m in members)
     median = l0s[len(l0s) // 2]
-    eligible = [m for m in members if m["evaluation"]["l0"] <= median]
-    return min(eligible, key=lambda m: m["evaluation"]["fvu"])
+    eligible = [m for m in members if m["l0"] <= median]
+    return min(eligible, key=lambda m: m["fvu"])
 
 
 def _fmt(value: Any) -> str:
@@ -165,8 +165,8 @@ def report(lfw, photos, sweep, best, analysis, probe, saliency, cls_exp, seg_exp
         lines.append(f"| {name} | {r['acts_id']} | {r.get('n_rows', '')} | {r.get('skipped', 0)} |")
     lines += ["", f"## SAE sweep (layer {LAYER}, patch tokens)", "",
               "| sae_id | variant | L0 | normalised MSE | explained variance | dead |", "| --- | --- | --- | --- | --- | --- |"]
-    for m in sweep["members"]:
-        e = m["evaluation"]
+    for m in sweep["saes"]:
+        e = m
         mark = " **(chosen)**" if m["sae_id"] == best["sae_id"] else ""
         lines.append(f"| {m['sae_id']}{mark} | {m.get('variant', '')} | {_fmt(e['l0'])} | {_fmt(e['fvu'])} | "
                      f"{_fmt(e.get('explained_variance'))} | {e.get('n_dead', '')} |")

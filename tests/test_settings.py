@@ -57,3 +57,12 @@ def test_api_keys_from_a_comma_separated_variable_stay_secret(clean_env):
     s = Settings()
     assert s.api_key_values() == {"k1", "k2"}
     assert "k1" not in repr(s)
+
+
+def test_home_given_as_an_argument_selects_its_connection_file(clean_env, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "connection.json").write_text(json.dumps({"redis_url": "redis://127.0.0.1:7/0"}))
+    assert Settings(home=other).require_redis() == "redis://127.0.0.1:7/0"
+    with pytest.raises(ConfigError):
+        Settings().require_redis()
