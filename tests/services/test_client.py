@@ -50,7 +50,18 @@ def test_client_without_a_key_is_unauthenticated(running):
     assert err.value.code == "UNAUTHENTICATED"
 
 
-def test_saevctl_encode_prints_the_strongest_latents(running, tmp_path, sae):
+@pytest.fixture
+def fresh_settings():
+    """The CLI reads the process-wide settings (`get_settings`, cached): read them again with this test's
+    environment, and forget them afterwards, whatever earlier tests in this process cached."""
+    from sae_shared.settings import get_settings
+
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def test_saevctl_encode_prints_the_strongest_latents(running, tmp_path, sae, fresh_settings):
     from typer.testing import CliRunner
 
     from services.cli import app
@@ -66,7 +77,7 @@ def test_saevctl_encode_prints_the_strongest_latents(running, tmp_path, sae):
     assert np.load(out).shape == (257, 768)
 
 
-def test_saevctl_intervene_prints_the_change_rate(running, tmp_path):
+def test_saevctl_intervene_prints_the_change_rate(running, tmp_path, fresh_settings):
     from typer.testing import CliRunner
 
     from services.cli import app
