@@ -24,7 +24,7 @@ case's own shape, the cases run in a fresh random order in each repetition, and 
 per-repetition ratios (ours against the limit timed beside it; peer time over ours measured in the same
 repetition).
 
-    python -m venv /tmp/bench-peers-venv
+    .venv/bin/python -m venv /tmp/bench-peers-venv   # the project venv's Python (3.11): the .pth below adds its packages
     echo "$PWD/.venv/lib/python3.11/site-packages" > /tmp/bench-peers-venv/lib/python3.11/site-packages/zz-project.pth
     /tmp/bench-peers-venv/bin/pip install --no-deps -r bench/envs/peers.txt
     /tmp/bench-peers-venv/bin/python bench/sae.py [--reps 5] [--tokens 2048]

@@ -223,7 +223,7 @@ class SparseAutoencoder(nn.Module):
         gen = torch.Generator().manual_seed(cfg.seed)
         W_dec_sd = torch.randn(s, d, generator=gen)
         W_dec_sd /= W_dec_sd.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        self.W_enc = nn.Parameter(W_dec_sd.t().clone())
+        self.W_enc = nn.Parameter(W_dec_sd.t().contiguous())  # row-major [d, s] (a clone would keep .t()'s strides)
         self.b_enc = nn.Parameter(torch.zeros(s))
         self.W_dec = nn.Parameter(W_dec_sd)
         self.b_dec = nn.Parameter(torch.zeros(d))

@@ -292,10 +292,22 @@ class Trainer:
             self.saes[i].load_state_dict(member["sae"])
             self.saes[i].threshold_updates = int(member["threshold_updates"])
             self.optimizers[i].load_state_dict(member["optimizer"])
+            _match_state_layout(self.optimizers[i])
             self.since_fired[i].copy_(member["since_fired"])
             self.window_fires[i].copy_(member["window_fires"])
             self.window_counted[i] = int(member.get("window_counted", self.window_tokens))
             self.history[i] = [TrainMetrics(**m) for m in member["history"]]
+
+
+def _match_state_layout(opt: torch.optim.Optimizer) -> None:
+    """Give each restored optimiser state tensor its parameter's memory layout: a fused kernel walks parameter,
+    gradient and moments as flat memory, so moments restored contiguous beside a parameter with other strides
+    would pair the wrong elements."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, value in opt.state.get(p, {}).items():
+                if isinstance(value, Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                    opt.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 def _adam(sae: SparseAutoencoder, lr: float, config: TrainConfig) -> torch.optim.Optimizer:
