@@ -21,7 +21,7 @@ import typer.testing
 from sae_shared.queue import JobState, Queue, connect
 from workers_support import Workers, worker_env
 
-LEASE = 2.0
+LEASE = 3.0
 BACKBONE = "dinov2:vit_small_patch14_dinov2/random-init"
 OPTIONS = {"image_size": 56}
 
