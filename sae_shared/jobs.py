@@ -30,7 +30,7 @@ class InvalidSpec(ValueError):
 class _Spec(BaseModel):
     """Common configuration of every spec: immutable, unknown fields refused."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class RecordSpec(_Spec):
@@ -481,15 +481,28 @@ def validate_spec(job_type: str, spec: dict[str, Any] | str | BaseModel) -> _Spe
             spec = json.loads(spec)
         except ValueError as exc:
             raise InvalidSpec(f"{job_type} spec is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise InvalidSpec(f"{job_type} spec is nested too deeply to be a job spec") from None
     if not isinstance(spec, dict):
         raise InvalidSpec(f"{job_type} spec must be a JSON object, got {type(spec).__name__}")
     given = spec.get("type", job_type)
     if given != job_type:
         raise InvalidSpec(f"spec says type {given!r} but the job is submitted as {job_type!r}: make them agree")
     try:
-        return _ADAPTER.validate_python({**spec, "type": job_type})
+        model = _ADAPTER.validate_python({**spec, "type": job_type})
+        spec_json(model)  # free-form fields (backbone_options) must also serialise for the queue
+        return model
     except ValidationError as exc:
-        raise InvalidSpec(f"invalid {job_type} spec:\n{_describe(exc, job_type)}") from None
+        error = exc
+    except RecursionError:  # a hostile, deeply nested value (JSON objects inside objects)
+        error = None
+    try:
+        detail = _describe(error, job_type) if error is not None else None
+    except RecursionError:
+        detail = None
+    if detail is None:
+        raise InvalidSpec(f"{job_type} spec is nested too deeply to be a job spec")
+    raise InvalidSpec(f"invalid {job_type} spec:\n{detail}")
 
 
 def spec_json(spec: _Spec) -> str:
