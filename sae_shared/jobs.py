@@ -482,7 +482,7 @@ def validate_spec(job_type: str, spec: dict[str, Any] | str | BaseModel) -> _Spe
         except ValueError as exc:
             raise InvalidSpec(f"{job_type} spec is not valid JSON: {exc}") from None
         except RecursionError:
-            raise InvalidSpec(f"{job_type} spec is nested too deeply to be a job spec") from None
+            raise _nested_too_deeply(job_type) from None
     if not isinstance(spec, dict):
         raise InvalidSpec(f"{job_type} spec must be a JSON object, got {type(spec).__name__}")
     given = spec.get("type", job_type)
@@ -490,19 +490,27 @@ def validate_spec(job_type: str, spec: dict[str, Any] | str | BaseModel) -> _Spe
         raise InvalidSpec(f"spec says type {given!r} but the job is submitted as {job_type!r}: make them agree")
     try:
         model = _ADAPTER.validate_python({**spec, "type": job_type})
-        spec_json(model)  # free-form fields (backbone_options) must also serialise for the queue
-        return model
     except ValidationError as exc:
         error = exc
     except RecursionError:  # a hostile, deeply nested value (JSON objects inside objects)
         error = None
+    else:
+        try:  # free-form fields (backbone_options) must also serialise for the queue
+            spec_json(model)
+        except (ValueError, RecursionError):  # pydantic's "Maximum serialization depth exceeded" is a ValueError
+            raise _nested_too_deeply(job_type) from None
+        return model
     try:
         detail = _describe(error, job_type) if error is not None else None
     except RecursionError:
         detail = None
     if detail is None:
-        raise InvalidSpec(f"{job_type} spec is nested too deeply to be a job spec")
+        raise _nested_too_deeply(job_type)
     raise InvalidSpec(f"invalid {job_type} spec:\n{detail}")
+
+
+def _nested_too_deeply(job_type: str) -> InvalidSpec:
+    return InvalidSpec(f"{job_type} spec is nested too deeply to be a job spec")
 
 
 def spec_json(spec: _Spec) -> str:
