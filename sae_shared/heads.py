@@ -715,19 +715,27 @@ def from_files(read: Callable[[str], bytes], where: str, *, device: str | torch.
         cfg = json.loads(read(CFG_FILE))
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidHeadFile(f"{where}/{CFG_FILE}: not valid JSON: {exc}") from None
-    if not isinstance(cfg, dict) or cfg.get("schema") not in _READERS:
+    except RecursionError:
+        raise InvalidHeadFile(f"{where}/{CFG_FILE}: not valid JSON: nested too deeply") from None
+    if not isinstance(cfg, dict) or type(cfg.get("schema")) is not int or cfg.get("schema") not in _READERS:
         schema = cfg.get("schema") if isinstance(cfg, dict) else None
         raise InvalidHeadFile(f"{where}/{CFG_FILE}: unknown schema {schema!r}; this version reads {sorted(_READERS)}")
-    kind, classes, contract, arch = _READERS[cfg["schema"]](cfg, f"{where}/{CFG_FILE}")
     try:
-        head = make_head(kind, classes, contract, **arch)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise InvalidHeadFile(f"{where}/{CFG_FILE}: cannot build a {kind} head: {exc}") from None
+        kind, classes, contract, arch = _READERS[cfg["schema"]](cfg, f"{where}/{CFG_FILE}")
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        if isinstance(exc, InvalidHeadFile):
+            raise
+        raise InvalidHeadFile(f"{where}/{CFG_FILE}: malformed ({type(exc).__name__}: {exc})") from None
     try:
         state = st_load(bytes(read(WEIGHTS_FILE)))
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for malformed input
         raise InvalidHeadFile(f"{where}/{WEIGHTS_FILE}: not a valid safetensors file: {exc}") from None
-    expected = head.state_dict()
+    try:
+        # Shapes first, on the meta device (no memory): a hostile config cannot make us allocate a huge head.
+        with torch.device("meta"):
+            expected = make_head(kind, classes, contract, **arch).state_dict()
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError, RuntimeError) as exc:
+        raise InvalidHeadFile(f"{where}/{CFG_FILE}: cannot build a {kind} head: {exc}") from None
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or extra:
         raise InvalidHeadFile(f"{where}/{WEIGHTS_FILE}: tensors missing {missing}, unexpected {extra}")
@@ -737,6 +745,7 @@ def from_files(read: Callable[[str], bytes], where: str, *, device: str | torch.
                                   f"the config implies {list(expected[name].shape)}")
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise InvalidHeadFile(f"{where}/{WEIGHTS_FILE}: {name} contains NaN or infinite values")
+    head = make_head(kind, classes, contract, **arch)
     head.load_state_dict(state)
     head.training_info = cfg.get("training")
     return head.to(device).eval()

@@ -62,8 +62,10 @@ def unpack_state(data: bytes) -> Any:
         raise InvalidCheckpoint("training checkpoint has a corrupt safetensors header length")
     try:
         meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
-    except (ValueError, UnicodeDecodeError, AttributeError) as exc:
+    except (ValueError, UnicodeDecodeError, AttributeError, RecursionError) as exc:
         raise InvalidCheckpoint(f"training checkpoint header is not JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise InvalidCheckpoint("training checkpoint header: __metadata__ must be an object")
     if meta.get("format") != FORMAT or meta.get("schema") != SCHEMA:
         raise InvalidCheckpoint(
             f"not a schema-{SCHEMA} training checkpoint (format {meta.get('format')!r}, schema {meta.get('schema')!r})"
@@ -71,7 +73,7 @@ def unpack_state(data: bytes) -> Any:
     try:
         tensors = st_load(data)
         tree = json.loads(meta["tree"])
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for malformed files
+    except Exception as exc:  # noqa: BLE001 - safetensors' own error types; RecursionError from a deep tree
         raise InvalidCheckpoint(f"training checkpoint is corrupt: {exc}") from None
 
     def dec(value: Any) -> Any:
@@ -89,5 +91,5 @@ def unpack_state(data: bytes) -> Any:
 
     try:
         return dec(tree)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:
         raise InvalidCheckpoint(f"training checkpoint is corrupt: {exc}") from None

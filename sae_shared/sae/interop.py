@@ -74,7 +74,7 @@ def import_saev(
         raise InvalidSAEFile(f"{where}: no JSON header line (saev checkpoints start with one, then the state dict)")
     try:
         header = json.loads(data[:newline])
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidSAEFile(f"{where}: header line is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise InvalidSAEFile(f"{where}: header line must be a JSON object")
@@ -156,7 +156,7 @@ def import_saelens(
     where = str(folder)
     try:
         cfg = json.loads((folder / SAELENS_CFG).read_bytes())
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidSAEFile(f"{where}/{SAELENS_CFG}: not valid JSON: {exc}") from None
     if not isinstance(cfg, dict):
         raise InvalidSAEFile(f"{where}/{SAELENS_CFG}: must hold a JSON object")

@@ -26,7 +26,8 @@ import math
 import os
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -111,19 +112,34 @@ def from_files(read: Callable[[str], bytes], where: str, *, device: str | torch.
     """Build and validate an SAE from its files; ``read(name)`` returns a file's bytes (raises if missing)."""
     cfg_json = _parse_json(read(CFG_FILE), f"{where}/{CFG_FILE}")
     schema = cfg_json.get("schema")
-    if schema not in _READERS:
+    if not isinstance(schema, int) or isinstance(schema, bool) or schema not in _READERS:
         raise InvalidSAEFile(
             f"{where}/{CFG_FILE}: unknown schema {schema!r}; this version reads schemas {sorted(_READERS)} "
             "(a newer schema needs a newer saev-platform)"
         )
-    parsed = _READERS[schema](cfg_json, f"{where}/{CFG_FILE}")
+    with _malformed(f"{where}/{CFG_FILE}"):
+        parsed = _READERS[schema](cfg_json, f"{where}/{CFG_FILE}")
     weights = _parse_safetensors(read(WEIGHTS_FILE), f"{where}/{WEIGHTS_FILE}")
-    sae = _build(parsed.cfg, weights, parsed.scale, parsed.contract, f"{where}/{WEIGHTS_FILE}")
+    with _malformed(f"{where}/{WEIGHTS_FILE}"):
+        sae = _build(parsed.cfg, weights, parsed.scale, parsed.contract, f"{where}/{WEIGHTS_FILE}")
     if parsed.stats_meta is not None:
         name = parsed.stats_meta["file"]
         tensors = _parse_safetensors(read(name), f"{where}/{name}")
-        sae.stats = _build_stats(tensors, parsed.stats_meta, sae.d_sae, f"{where}/{name}")
+        with _malformed(f"{where}/{name}"):
+            sae.stats = _build_stats(tensors, parsed.stats_meta, sae.d_sae, f"{where}/{name}")
     return sae.to(device).eval()
+
+
+@contextmanager
+def _malformed(where: str) -> Iterator[None]:
+    """Turn the errors a hostile file's odd values raise deep inside the readers (a list where an object belongs,
+    a string where a number does) into :class:`InvalidSAEFile` naming the file."""
+    try:
+        yield
+    except InvalidSAEFile:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError, OverflowError, RecursionError, RuntimeError) as exc:
+        raise InvalidSAEFile(f"{where}: malformed ({type(exc).__name__}: {exc})") from None
 
 
 class _Parsed(NamedTuple):
@@ -247,6 +263,8 @@ def _parse_json(data: bytes, where: str) -> dict[str, Any]:
         obj = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidSAEFile(f"{where}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidSAEFile(f"{where}: not valid JSON: nested too deeply") from None
     if not isinstance(obj, dict):
         raise InvalidSAEFile(f"{where}: must hold a JSON object")
     return obj
