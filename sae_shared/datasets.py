@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import math
+import re
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +26,10 @@ from PIL import Image
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 64_000_000
 """Images larger than this many pixels are refused (decompression-bomb guard)."""
+DEFAULT_MAX_FILE_BYTES = 256 << 20
+"""Uploaded files larger than this are skipped unread."""
+DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""A stored dataset's name: 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit."""
 BUNDLED = ("bundled-photos", "bundled-lfw", "bundled-digits")
 
 
@@ -312,6 +317,7 @@ class StoredDataset:
     """A dataset uploaded with :func:`upload_dataset`: ``datasets/<name>/`` holding images and a manifest."""
 
     def __init__(self, store, name: str, max_pixels: int = DEFAULT_MAX_PIXELS):
+        check_dataset_name(name)
         self.store, self.name, self.max_pixels = store, name, max_pixels
         self.prefix = f"datasets/{name}"
         manifest = store.read_manifest(self.prefix)  # raises when the upload never completed
@@ -335,6 +341,14 @@ class StoredDataset:
         return self._hash
 
 
+def check_dataset_name(name: str) -> str:
+    """``name`` if it is a valid stored dataset name (no '/', no '..'), else :class:`DatasetError`."""
+    if not isinstance(name, str) or not DATASET_NAME.fullmatch(name):
+        raise DatasetError(f"dataset name must be 1-128 letters, digits, '.', '_' or '-' (starting with a letter or "
+                           f"digit), got {str(name)[:80]!r}")
+    return name
+
+
 def _safe_upload_name(rel: str) -> str:
     """An object-key-safe name for an uploaded file (no traversal, no odd characters)."""
     clean = "".join(c if c.isalnum() or c in "-_." else "_" for c in rel.replace("/", "__"))
@@ -342,15 +356,21 @@ def _safe_upload_name(rel: str) -> str:
 
 
 def upload_dataset(store, root: str | Path, name: str, max_pixels: int = DEFAULT_MAX_PIXELS,
-                   progress: Callable[[int, int], None] | None = None) -> dict:
+                   progress: Callable[[int, int], None] | None = None,
+                   max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> dict:
     """Upload an ImageFolder (class subfolders) or a flat folder of images as ``datasets/<name>/``.
 
-    Every image is decoded first: files that are not images, or too large, are skipped and listed in the result.
-    The dataset becomes visible only when its manifest is written, after all images.
+    Every image is decoded first: files that are not images, too large (bytes or pixels), or symbolic links are
+    skipped and listed in the result; symbolically linked class folders are refused. Nothing is written unless at
+    least one image is readable, and the dataset becomes visible only when its manifest is written, after all images.
     """
+    check_dataset_name(name)
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root} is not a directory")
+    linked = sorted(p.name for p in root.iterdir() if p.is_symlink() and p.is_dir())
+    if linked:
+        raise DatasetError(f"{root}: class folders must be real folders, not symbolic links: {', '.join(linked)}")
     subdirs = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     files: list[tuple[Path, int | None]] = []
     if subdirs:
@@ -358,12 +378,16 @@ def upload_dataset(store, root: str | Path, name: str, max_pixels: int = DEFAULT
             files += [(p, label) for p in sorted((root / d).rglob("*")) if p.is_file()]
     else:
         files = [(p, None) for p in sorted(root.iterdir()) if p.is_file()]
-    writer = store.artifact(f"datasets/{name}")
+    writer = store.artifact(f"datasets/{name}")  # refuses a name already taken, before reading anything
     images, skipped, digest = [], [], hashlib.sha256()
     for i, (path, label) in enumerate(files):
         rel = path.relative_to(root).as_posix()
         if path.is_symlink():
             skipped.append({"file": rel, "reason": "symbolic links are not uploaded"})
+            continue
+        size = path.stat().st_size
+        if size > max_file_bytes:
+            skipped.append({"file": rel, "reason": f"file is {size} bytes, more than the limit of {max_file_bytes}"})
             continue
         data = path.read_bytes()
         try:
