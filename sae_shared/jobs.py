@@ -147,6 +147,9 @@ class TrainSpec(_Spec):
     """First training tokens used to estimate the input normalisation and b_dec (held in memory meanwhile)."""
     device: str | None = Field(None, max_length=32)
     """Torch device (None: the worker's SAEV_DEVICE setting)."""
+    actors: int = Field(0, ge=0, le=256)
+    """Ray actors to spread the sweep's members over, one GPU each where the cluster has GPUs (0: every member in
+    the worker process). The batches are still read once; the SAEs and checkpoints are the same either way."""
 
 
 class AnalyzeSpec(_Spec):

@@ -112,6 +112,8 @@ def train_command(
     autocast: str = typer.Option("fp32", "--autocast", help="fp32, or bf16 autocast (weights stay fp32)."),
     heldout: float = typer.Option(0.1, "--heldout", help="Fraction of rows (the last ones) held out for evaluation."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initialisation and the batch order."),
+    actors: int = typer.Option(0, "--actors", min=0, help="Spread the sweep's members over this many Ray actors "
+                               "(one GPU each on a GPU cluster); 0 trains them all in the worker process."),
     member: List[str] = typer.Option(
         [], "--member", "-m", help="A sweep member, as overrides of the options above: e.g. -m lr=1e-4 -m "
         "lr=4e-4,k=16 -m variant=topk,d_sae=8192 (keys: " + ", ".join(MEMBER_FIELDS) + "). All members train on "
@@ -133,7 +135,7 @@ def train_command(
     spec: dict[str, Any] = {
         "acts_id": acts, "layer": layer, "d_sae": d_sae, "steps": steps, "variant": variant, "k": k, "l1_coeff": l1,
         "lr": lr, "batch_size": batch_size, "tokens": tokens, "warmup_steps": warmup, "schedule": schedule,
-        "autocast": autocast, "heldout_fraction": heldout, "seed": seed,
+        "autocast": autocast, "heldout_fraction": heldout, "seed": seed, "actors": actors,
     }
     if member:
         spec["sweep"] = [_parse_member(m) for m in member]

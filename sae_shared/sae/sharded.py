@@ -9,7 +9,9 @@
 - :class:`ShardSetTraining`: a resumable run of a sweep (every member trains on each batch; the batch is read once).
   The normalisation sample is the run's first batches, which are then trained on (not read twice).
   :meth:`ShardSetTraining.state_bytes` is a whole resume point (weights, optimiser states, counters, reader position)
-  and ``ShardSetTraining(..., resume=those bytes)`` continues bit for bit where it was taken.
+  and ``ShardSetTraining(..., resume=those bytes)`` continues bit for bit where it was taken. Its
+  ``trainer_factory`` spreads the sweep's members over Ray actors (``sae_shared.sae.groups``), with the same
+  checkpoints and the same SAEs.
 - :func:`sae_id_for`: the id an SAE trained from given inputs gets (a hash of the shard set, layer, tokens, the
   member's config and the shared training settings), known before training starts.
 - :func:`shard_set_stats`: evaluation and per-latent statistics of any SAE (an imported one, say) over a shard set.
@@ -245,6 +247,7 @@ class ShardSetTraining:
         resume: bytes | None = None,
         on_metrics: MetricsCallback | None = None,
         prefetch: int = 4,
+        trainer_factory: Callable[..., Any] = Trainer,
     ):
         self.data = ShardSetSplit(
             store, acts_id, layer, tokens, batch_size=config.batch_size, heldout_fraction=config.heldout_fraction,
@@ -264,6 +267,7 @@ class ShardSetTraining:
                 max(1, config.n_tokens // config.batch_size) if config.n_tokens is not None else self.data.batches_per_epoch
             )
             self.acts_id, self.layer, self.tokens = acts_id, layer, tokens
+            self._make_trainer = trainer_factory
             self.sae_ids = [
                 sae_id_for(m, config, acts_id=acts_id, layer=layer, tokens=tokens, total_steps=self.total_steps)
                 for m in config.members
@@ -288,7 +292,8 @@ class ShardSetTraining:
             head.append(next(self._batches))
             n += head[-1].shape[0]
         sample_nd = torch.cat(head)[: cfg.norm_sample_tokens]
-        self.trainer = Trainer(cfg, total_steps=self.total_steps, init_sample_nd=sample_nd, on_metrics=on_metrics)
+        self.trainer = self._make_trainer(cfg, total_steps=self.total_steps, init_sample_nd=sample_nd,
+                                          on_metrics=on_metrics)
         self._head = head  # trained on first: the sample is not read twice
 
     def _resume(self, resume: bytes, on_metrics: MetricsCallback | None) -> None:
@@ -299,8 +304,8 @@ class ShardSetTraining:
                 "start without it"
             )
         placeholder_nd = torch.zeros(1, self.config.d_model)  # weights and normalisation come from the state
-        self.trainer = Trainer(self.config, total_steps=self.total_steps, init_sample_nd=placeholder_nd,
-                               on_metrics=on_metrics)
+        self.trainer = self._make_trainer(self.config, total_steps=self.total_steps, init_sample_nd=placeholder_nd,
+                                          on_metrics=on_metrics)
         self.trainer.load_state_dict(state["trainer"])
         step = self.trainer.step_count
         if tuple(state["position"][k] for k in ("epoch", "batch")) != self.data.position(step):
@@ -351,6 +356,9 @@ class ShardSetTraining:
 
     def close(self) -> None:
         self.data.close()
+        close = getattr(getattr(self, "trainer", None), "close", None)
+        if close is not None:  # trainer groups in Ray actors
+            close()
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -358,13 +358,12 @@ def train_on_batches(
 
 def finish(trainer: Trainer, heldout: Tensor | Iterable[Tensor], *, source: str = "heldout") -> TrainResult:
     """Evaluate every SAE of ``trainer`` over ``heldout`` (one pass), attach the statistics, switch to eval mode."""
-    for sae in trainer.saes:
+    saes = list(trainer.saes)  # read once: trainer groups return copies
+    for sae in saes:
         sae.eval()
-    stats = compute_stats_many(
-        trainer.saes, heldout, batch_size=trainer.config.eval_batch_size, source=source, attach=True
-    )
+    stats = compute_stats_many(saes, heldout, batch_size=trainer.config.eval_batch_size, source=source, attach=True)
     return TrainResult(
-        saes=tuple(trainer.saes),
+        saes=tuple(saes),
         evaluations=tuple(s.metrics for s in stats),
         history=tuple(tuple(h) for h in trainer.history),
         n_steps=trainer.step_count,

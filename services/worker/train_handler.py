@@ -150,13 +150,18 @@ def run_train(ctx: JobContext) -> dict[str, Any]:
 
     prom = _Prometheus()
     resume = ctx.checkpoint_get(CHECKPOINT)
+    factory: dict[str, Any] = {}
+    if spec.actors:
+        from sae_shared.sae.groups import ray_trainer_factory
+
+        factory["trainer_factory"] = ray_trainer_factory(spec.actors)
     try:
         run = ShardSetTraining(config, ctx.store, spec.acts_id, layer=spec.layer, tokens=spec.tokens,
-                               resume=resume)
+                               resume=resume, **factory)
     except InvalidCheckpoint as exc:
         ctx.log.warning("unreadable training checkpoint; starting over", extra={"job_id": ctx.job_id,
                                                                                 "error": str(exc)[:300]})
-        run = ShardSetTraining(config, ctx.store, spec.acts_id, layer=spec.layer, tokens=spec.tokens)
+        run = ShardSetTraining(config, ctx.store, spec.acts_id, layer=spec.layer, tokens=spec.tokens, **factory)
     except (ShardSetError, ContractMismatch, ValueError) as exc:
         raise PermanentError(str(exc)) from exc
     assert run.sae_ids == ids, (run.sae_ids, ids)
