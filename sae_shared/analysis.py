@@ -1015,6 +1015,33 @@ class AnalysisReader:
         """The latent's heatmap colour scale: the max over its exemplars' maps."""
         return float(self.latent_stats()["scale"][self._check_latent(latent)])
 
+    def latent_histogram(self, latent: int, bins: int = 32) -> dict[str, Any]:
+        """A histogram of the latent's codes on every patch of its top exemplar views (the heatmaps kept for it:
+        at most ``top_k * n_patches`` values, the high end of its distribution; the analysis keeps no histogram
+        over all tokens). Linear bins from 0 to the largest value; zeros are counted apart. With the latent's
+        frequencies and maximum over the whole analysed set."""
+        latent = self._check_latent(latent)
+        if not 1 <= bins <= 4096:
+            raise ValueError(f"bins must be in [1, 4096], got {bins}")
+        values = torch.zeros(0)
+        kind = "patch" if "patch" in self.kinds else None
+        if kind is not None and "maps" in self._file(EXEMPLAR_FILES[kind]).entries:
+            n = int((self._table(kind)["rows"][latent] >= 0).sum())
+            values = self._file(EXEMPLAR_FILES[kind]).slice("maps", latent)[0][:n].float().flatten()
+        positive = values[values > 0]
+        top = float(positive.max()) if positive.numel() else 1.0
+        counts = torch.histc(positive, bins=bins, min=0.0, max=top) if positive.numel() else torch.zeros(bins)
+        stats = self.latent_stats()
+        return {
+            "latent": latent, "source": "exemplar_patches",
+            "edges": torch.linspace(0.0, top, bins + 1, dtype=torch.float64).tolist(),
+            "counts": [int(c) for c in counts.tolist()], "zeros": int(values.numel() - positive.numel()),
+            "n_values": int(values.numel()),
+            "frequency": float(stats["frequency"][latent]) if "frequency" in stats else None,
+            "view_frequency": float(stats["view_frequency"][latent]),
+            "max_activation": float(stats["max_patch"][latent]),
+        }
+
     def image_position(self, image_id: str | None = None, image_index: int | None = None) -> int:
         """Row of an image in images.json / the reverse index, by id or by dataset index."""
         images = self.images()

@@ -258,5 +258,47 @@ def get_tile(store, sae_id: str, latent: int, rank: int = 0, kind: str = "patch"
     return png
 
 
-__all__ = ["TileError", "get_tile", "model_input_pixels", "open_view_dataset", "overlay", "render_pack",
-           "render_tile", "select_latents", "tile_cache_key"]
+def tile_object(store, sae_id: str, latent: int, rank: int = 0, kind: str = "patch", *,
+                dataset: str | None = None) -> str:
+    """The object-store key of the tile :func:`get_tile` serves, as one object of its own: the cache key, where the
+    tile is put (copied from the pack, or rendered) unless it is there already. For callers that pass keys, not
+    bytes."""
+    reader = open_analysis(store, sae_id)
+    key = tile_cache_key(sae_id, reader.analysis_id, kind, int(latent), int(rank))
+    if store.exists(key):
+        return key
+    png = get_tile(store, sae_id, latent, rank, kind, dataset=dataset)  # renders into the cache when not packed
+    if not store.exists(key):  # it came from the pack
+        store.put_bytes(key, png, content_type="image/png")
+    return key
+
+
+MAX_SOURCE_SIDE = 2048
+"""Longest side of a source image as :func:`source_image_png` serves it (larger ones are scaled down)."""
+
+
+def source_image_png(store, sae_id: str, image_index: int, *, dataset: str | None = None,
+                     max_side: int = MAX_SOURCE_SIDE) -> bytes:
+    """The source image of one analysed image (by its dataset index) as PNG, redrawn from the analysis' dataset
+    (``dataset`` overrides the spec it recorded), scaled down to ``max_side`` pixels at most. Raises
+    :class:`~sae_shared.analysis.NotAnalysed`, ``KeyError`` (not an analysed image) and :class:`TileError` (no
+    dataset, or not the recorded one)."""
+    from PIL import Image
+
+    reader = open_analysis(store, sae_id)
+    pos = reader.image_position(image_index=int(image_index))
+    image_id = str(reader.images()["image_id"][pos])
+    ds = open_view_dataset(dataset or reader.doc.get("dataset"), store, None,
+                           dataset_hash=reader.doc.get("dataset_hash"))
+    if not 0 <= int(image_index) < len(ds) or ds.sample(int(image_index)).image_id != image_id:
+        raise TileError(f"dataset {ds.id} does not match the analysis: image {image_index} should be {image_id!r}")
+    img = ds.load_image(int(image_index))
+    img = img if img.mode == "RGB" else img.convert("RGB")
+    if max(img.size) > max_side:
+        img = img.copy()
+        img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return encode_png(np.asarray(img, dtype=np.uint8))
+
+
+__all__ = ["MAX_SOURCE_SIDE", "TileError", "get_tile", "model_input_pixels", "open_view_dataset", "overlay",
+           "render_pack", "render_tile", "select_latents", "source_image_png", "tile_cache_key", "tile_object"]

@@ -23,7 +23,8 @@ EXPECTED_SERVICES = {
     "TaskHead": {"Predict", "ListHeads"},
     "Interventions": {"Intervene", "PreviewIntervention"},
     "Jobs": {"SubmitJob", "GetJob", "ListJobs", "CancelJob", "WatchJob"},
-    "Features": {"GetLatent", "ListLatents", "GetLatentExemplars", "GetImageLatents"},
+    "Features": {"GetLatent", "ListLatents", "GetLatentExemplars", "GetImageLatents", "GetLatentHistogram",
+                 "ListAnalysedImages", "GetAnalysedImageLatents"},
 }
 
 

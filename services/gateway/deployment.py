@@ -70,6 +70,18 @@ class Gateway:
     async def image_latents(self, request: fpb.GetImageLatentsRequest) -> fpb.GetImageLatentsResponse:
         return await features.get_image_latents(self.down, request)
 
+    async def latent_exemplars(self, request: fpb.GetLatentExemplarsRequest) -> fpb.GetLatentExemplarsResponse:
+        return await features.get_latent_exemplars(self.down, request)
+
+    async def latent_histogram(self, request: fpb.GetLatentHistogramRequest) -> fpb.GetLatentHistogramResponse:
+        return await features.get_latent_histogram(self.down, request)
+
+    async def analysed_images(self, request: fpb.ListAnalysedImagesRequest) -> fpb.ListAnalysedImagesResponse:
+        return await features.list_analysed_images(self.down, request)
+
+    async def analysed_image_latents(self, request: fpb.GetAnalysedImageLatentsRequest):
+        return await features.get_analysed_image_latents(self.down, request)
+
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Each model service answers, the job queue and the object store are reachable."""
 
@@ -145,8 +157,20 @@ class Gateway:
 
     @unary(fpb.GetLatentExemplarsResponse)
     async def GetLatentExemplars(self, request: fpb.GetLatentExemplarsRequest):
-        return await features.get_latent_exemplars(self.down, request)
+        return await self.latent_exemplars(request)
 
     @unary(fpb.GetImageLatentsResponse)
     async def GetImageLatents(self, request: fpb.GetImageLatentsRequest) -> fpb.GetImageLatentsResponse:
         return await self.image_latents(request)
+
+    @unary(fpb.GetLatentHistogramResponse)
+    async def GetLatentHistogram(self, request: fpb.GetLatentHistogramRequest):
+        return await self.latent_histogram(request)
+
+    @unary(fpb.ListAnalysedImagesResponse)
+    async def ListAnalysedImages(self, request: fpb.ListAnalysedImagesRequest):
+        return await self.analysed_images(request)
+
+    @unary(fpb.GetAnalysedImageLatentsResponse)
+    async def GetAnalysedImageLatents(self, request: fpb.GetAnalysedImageLatentsRequest):
+        return await self.analysed_image_latents(request)

@@ -1,7 +1,9 @@
-"""``saev.v1.Features``: a latent's statistics (from the SAE service), listings, and the latents of an image.
+"""``saev.v1.Features``: a latent's statistics (from the SAE service), listings, and the latents of an image; and,
+from a committed feature analysis (``saevctl analyze``), a latent's exemplars and their tiles, its histogram, the
+analysed images, their pixels and their strongest latents.
 
-Exemplars (top-activating images with heatmaps) come with the feature-analysis issue; until then
-GetLatentExemplars answers UNIMPLEMENTED.
+The analysis reads run in the SAE deployment (``services.sae.analysis_reads``: it has the store and torch; the
+gateway has neither); here requests are checked and forwarded.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import numpy as np
 
 from sae_shared.proto.saev.v1 import activations_pb2 as apb
 from sae_shared.proto.saev.v1 import features_pb2 as fpb
-from services.common.errors import InvalidArgument, Unimplemented
+from services.common.errors import InvalidArgument
 from services.gateway.downstream import Downstream
 
 DEFAULT_PAGE, MAX_PAGE = 100, 1000
@@ -69,9 +71,61 @@ async def list_latents(down: Downstream, request: fpb.ListLatentsRequest) -> fpb
     return out
 
 
+KINDS = ("", "patch", "cls")
+TILE_TIMEOUT_S = 60.0
+"""Exemplars and tiles may render PNGs on first use (then they are cached): a longer deadline than model calls."""
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise InvalidArgument(f"kind: {kind[:40]!r} is not 'patch' or 'cls'", "kind")
+
+
+def _check_latent(latent: int) -> None:
+    if latent < 0:
+        raise InvalidArgument(f"latent: {latent} is negative; latents are in [0, d_sae)", "latent")
+
+
 async def get_latent_exemplars(down: Downstream, request: fpb.GetLatentExemplarsRequest):
-    raise Unimplemented("latent exemplars are not served yet: they come with feature analysis (analyze jobs); "
-                        "use GetLatent for the statistics")
+    _check_sae(request.sae_id)
+    _check_kind(request.kind)
+    _check_latent(request.latent)
+    if request.limit < 0:
+        raise InvalidArgument("limit: must be >= 0 (0: every exemplar kept)", "limit")
+    return await down.call("sae", "latent_exemplars", request, timeout_s=max(down.timeout_s, TILE_TIMEOUT_S))
+
+
+async def get_tile(down: Downstream, sae_id: str, latent: int, rank: int, kind: str) -> bytes:
+    """PNG bytes of exemplar ``rank`` of ``latent``."""
+    _check_sae(sae_id)
+    _check_kind(kind)
+    _check_latent(latent)
+    if rank < 0:
+        raise InvalidArgument("rank: must be >= 0", "rank")
+    return await down.call("sae", "tile", sae_id, latent, rank, kind or "patch",
+                           timeout_s=max(down.timeout_s, TILE_TIMEOUT_S))
+
+
+async def get_latent_histogram(down: Downstream, request: fpb.GetLatentHistogramRequest):
+    _check_sae(request.sae_id)
+    _check_latent(request.latent)
+    return await down.call("sae", "latent_histogram", request)
+
+
+async def list_analysed_images(down: Downstream, request: fpb.ListAnalysedImagesRequest):
+    _check_sae(request.sae_id)
+    return await down.call("sae", "analysed_images", request)
+
+
+async def get_analysed_image_latents(down: Downstream, request: fpb.GetAnalysedImageLatentsRequest):
+    _check_sae(request.sae_id)
+    return await down.call("sae", "analysed_image_latents", request)
+
+
+async def get_source_image(down: Downstream, sae_id: str, image_index: int) -> bytes:
+    """PNG bytes of an analysed image."""
+    _check_sae(sae_id)
+    return await down.call("sae", "source_image", sae_id, image_index, timeout_s=max(down.timeout_s, TILE_TIMEOUT_S))
 
 
 async def get_image_latents(down: Downstream, request: fpb.GetImageLatentsRequest) -> fpb.GetImageLatentsResponse:

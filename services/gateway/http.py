@@ -16,7 +16,7 @@ from typing import Any, Awaitable, Callable, Optional
 
 from fastapi import Depends, FastAPI, Path as PathParam, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from google.protobuf import json_format
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -28,10 +28,14 @@ from sae_shared.proto.saev.v1 import jobs_pb2 as jpb
 from sae_shared.proto.saev.v1 import sae_pb2 as spb
 from sae_shared.proto.saev.v1 import taskhead_pb2 as tpb
 from services.common import metrics
-from services.common.errors import InvalidArgument, ServiceError, TooLarge, to_service_error
+from services.common.errors import InvalidArgument, ServiceError, TooLarge, Unauthenticated, to_service_error
+from services.gateway import features
 from services.gateway.openapi import message_schemas, ref
 
 STATIC_DIR = Path(__file__).parent / "static"
+SAE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+-]*$"
+"""An SAE id (``services.sae.catalog.SAE_ID``; the length is checked apart)."""
+MAX_INDEX, MAX_INT32 = 1 << 62, (1 << 31) - 1
 ERROR_SCHEMA = {
     "type": "object",
     "properties": {"error": {"type": "object", "properties": {
@@ -224,6 +228,83 @@ def create_app(gw) -> FastAPI:
 
     post("/v1/features/image-latents", "GetImageLatents", fpb.GetImageLatentsRequest, fpb.GetImageLatentsResponse,
          gw.image_latents, "The latents most active in an image", "features")
+
+    # -- features from a committed analysis (``saevctl analyze``): 404 until there is one -------------------------
+
+    def sae_path():
+        return PathParam(max_length=256, pattern=SAE_ID_PATTERN)
+
+    def latent_path():
+        return PathParam(ge=0, le=MAX_INDEX)
+
+    def kind_query():
+        return Query("patch", pattern="^(patch|cls)$", description="Ranking: patch (max over a view's patches) or "
+                     "cls (the CLS token; only where the backbone has one)")
+
+    @get("/v1/saes/{sae_id}/latents/{latent}/exemplars", "GetLatentExemplars", fpb.GetLatentExemplarsResponse,
+         "A latent's top exemplars (tile keys or bytes, heatmaps)", "features")
+    async def latent_exemplars(sae_id: str = sae_path(), latent: int = latent_path(), kind: str = kind_query(),
+                               limit: int = Query(0, ge=0, le=1024), include_heatmaps: bool = False,
+                               include_images: bool = False):
+        return await gw.latent_exemplars(fpb.GetLatentExemplarsRequest(
+            sae_id=sae_id, latent=latent, kind=kind, limit=limit, include_heatmaps=include_heatmaps,
+            include_images=include_images))
+
+    @get("/v1/saes/{sae_id}/latents/{latent}/histogram", "GetLatentHistogram", fpb.GetLatentHistogramResponse,
+         "Histogram of a latent's codes on its exemplars' patches", "features")
+    async def latent_histogram(sae_id: str = sae_path(), latent: int = latent_path(),
+                               bins: int = Query(0, ge=0, le=256)):
+        return await gw.latent_histogram(fpb.GetLatentHistogramRequest(sae_id=sae_id, latent=latent, bins=bins))
+
+    @get("/v1/saes/{sae_id}/images", "ListAnalysedImages", fpb.ListAnalysedImagesResponse,
+         "The images the analysis ran over, paged", "features")
+    async def analysed_images(sae_id: str = sae_path(), offset: int = Query(0, ge=0, le=MAX_INT32),
+                              limit: int = Query(0, ge=0, le=1000)):
+        return await gw.analysed_images(fpb.ListAnalysedImagesRequest(sae_id=sae_id, offset=offset, limit=limit))
+
+    @get("/v1/saes/{sae_id}/images/{image_index}/latents", "GetAnalysedImageLatents",
+         fpb.GetAnalysedImageLatentsResponse, "An analysed image's strongest latents (reverse index)", "features")
+    async def analysed_image_latents(sae_id: str = sae_path(), image_index: int = PathParam(ge=0, le=MAX_INDEX),
+                                     k: int = Query(0, ge=0, le=MAX_INT32)):
+        return await gw.analysed_image_latents(fpb.GetAnalysedImageLatentsRequest(
+            sae_id=sae_id, image_index=image_index, k=k))
+
+    async def require_key_or_query(credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer),
+                                   key: Optional[str] = Query(None, max_length=512, description=(
+                                       "API key, for <img> tags that cannot send the Authorization header"))) -> None:
+        if credentials is None and key is not None:
+            if not gw.auth.verify(key):  # constant time, as for the header
+                raise Unauthenticated("invalid API key")
+            return
+        gw.auth.require(f"Bearer {credentials.credentials}" if credentials else None)
+
+    def png_route(path: str, name: str, summary: str):
+        def register(fn):
+            async def endpoint(*args, **kwargs):
+                png = await timed(name, lambda: fn(*args, **kwargs))
+                return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+            endpoint.__signature__ = _signature(fn)
+            endpoint.__name__ = name
+            app.add_api_route(path, endpoint, methods=["GET"], summary=summary, tags=["features"],
+                              dependencies=[Depends(require_key_or_query)], operation_id=name,
+                              response_class=Response, responses={"200": {"description": "PNG image", "content": {
+                                  "image/png": {"schema": {"type": "string", "format": "binary"}}}},
+                                  **ERROR_RESPONSES})
+            return fn
+
+        return register
+
+    @png_route("/v1/saes/{sae_id}/latents/{latent}/exemplars/{rank}/tile.png", "GetExemplarTile",
+               "An exemplar's view with the latent's heatmap over it (PNG; rendered once, then cached)")
+    async def exemplar_tile(sae_id: str = sae_path(), latent: int = latent_path(),
+                            rank: int = PathParam(ge=0, le=1023), kind: str = kind_query()):
+        return await features.get_tile(gw.down, sae_id, latent, rank, kind)
+
+    @png_route("/v1/saes/{sae_id}/images/{image_index}.png", "GetAnalysedImage",
+               "An analysed image's source pixels (PNG, longest side at most 2048)")
+    async def analysed_image(sae_id: str = sae_path(), image_index: int = PathParam(ge=0, le=MAX_INDEX)):
+        return await features.get_source_image(gw.down, sae_id, image_index)
 
     # -- jobs ------------------------------------------------------------------------------------------------------
 

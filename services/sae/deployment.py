@@ -143,6 +143,61 @@ class SAEService(ModelServiceBase):
 
         return await self._in_pool(run)
 
+    # -- internal calls: reads of a committed feature analysis (services.sae.analysis_reads) ---------------------
+
+    async def _analysis(self, fn, *args):
+        """``fn(store, *args)`` on a worker thread (store reads and PNG rendering; the model thread stays free)."""
+        from services.sae.analysis_reads import mapped
+
+        store = self._open_store()
+        return await asyncio.to_thread(mapped, fn, store, *args)
+
+    @internal
+    async def latent_exemplars(self, request):
+        """Features.GetLatentExemplars."""
+        from services.sae.analysis_reads import latent_exemplars
+
+        return await self._analysis(latent_exemplars, request)
+
+    @internal
+    async def tile(self, sae_id: str, latent: int, rank: int, kind: str) -> bytes:
+        """One exemplar's tile, PNG bytes."""
+        from services.sae.analysis_reads import tile_png
+
+        return await self._analysis(tile_png, sae_id, latent, rank, kind)
+
+    @internal
+    async def latent_histogram(self, request):
+        """Features.GetLatentHistogram (the SAE's statistics give the frequency when the analysis has none)."""
+        from services.sae.analysis_reads import latent_histogram
+
+        try:
+            stats = (await self._sae(request.sae_id)).stats if request.sae_id else None
+        except NotFound:  # the analysis may outlive its SAE's folder; then the analysis answers alone
+            stats = None
+        return await self._analysis(latent_histogram, request, stats)
+
+    @internal
+    async def analysed_images(self, request):
+        """Features.ListAnalysedImages."""
+        from services.sae.analysis_reads import list_images
+
+        return await self._analysis(list_images, request)
+
+    @internal
+    async def analysed_image_latents(self, request):
+        """Features.GetAnalysedImageLatents."""
+        from services.sae.analysis_reads import image_latents
+
+        return await self._analysis(image_latents, request)
+
+    @internal
+    async def source_image(self, sae_id: str, image_index: int) -> bytes:
+        """An analysed image's source pixels, PNG bytes."""
+        from services.sae.analysis_reads import source_image
+
+        return await self._analysis(source_image, sae_id, image_index)
+
     @internal
     async def preview(self, sae_id: str, activations, layout, edits):
         """Interventions.PreviewIntervention: each edited latent's codes on the patch grid before and after."""

@@ -195,3 +195,35 @@ def pil_images(stack):
 def pytest_configure(config):
     # Ray Serve's own pydantic models emit deprecation warnings on import; they are not ours to fix.
     config.addinivalue_line("filterwarnings", "ignore::pydantic.warnings.PydanticDeprecatedSince20")
+
+
+@dataclass
+class Analysis:
+    store: object
+    sae_id: str
+    dataset: str
+    """The dataset spec the views are redrawn from (an image folder of the stack's photos)."""
+    summary: dict
+
+
+@pytest.fixture(scope="package")
+def analysis(stack, sae, backbone, tmp_path_factory) -> Analysis:
+    """A real feature analysis of the test SAE in the store: the stack's photos recorded (two views each, the
+    second a random crop) at the SAE's layer, then ``sae_shared.analysis.analyze``. No tiles are pre-rendered (the
+    test SAE's latents fire too often for the job's selection): the Features API renders them on demand."""
+    from sae_shared.analysis import AnalyzeOptions, analyze
+    from sae_shared.datasets import Augmentation
+    from sae_shared.recording import record
+    from sae_shared.storage import open_store
+
+    root = tmp_path_factory.mktemp("analysed-images")
+    (root / "photos").mkdir()
+    for i, data in enumerate(stack.images):
+        (root / "photos" / f"{i}.png").write_bytes(data)
+    spec = f"imagefolder:{root}"
+    store = open_store(stack.settings)
+    acts = record(store, spec, backbone, layers=[SAE_LAYER], tokens="all",
+                  augmentation=Augmentation(seed=0, views_per_image=2), rows_per_shard=4, batch_size=4)
+    summary = analyze(store, stack.sae_id, str(acts), AnalyzeOptions(top_k=4, reverse_n=8, dataset=spec, tiles=False,
+                                                                      device="cpu"))
+    return Analysis(store, stack.sae_id, spec, summary)

@@ -125,7 +125,8 @@ CASES = [
      "JSON"),
     ("jobs", "ListJobs", lambda s: jpb.ListJobsRequest(page_token="garbage"), INVALID, "page_token"),
     ("features", "GetLatent", lambda s: fpb.GetLatentRequest(sae_id=s, latent=768), INVALID, "latent"),
-    ("features", "GetLatentExemplars", lambda s: fpb.GetLatentExemplarsRequest(sae_id=s), "UNIMPLEMENTED", "exemplars"),
+    ("features", "GetLatentExemplars", lambda s: fpb.GetLatentExemplarsRequest(sae_id="never-analysed"), NOT_FOUND,
+     "saevctl analyze"),
 ]
 APPS = {"activations": "activations", "sae": "sae", "taskhead": "taskhead", "interventions": "gateway",
         "jobs": "gateway", "features": "gateway"}

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from sae_shared.proto.saev.v1 import common_pb2 as saev_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16saev/v1/features.proto\x12\x07saev.v1\x1a\x14saev/v1/common.proto\"\xa6\x01\n\x0bLatentStats\x12\x0e\n\x06latent\x18\x01 \x01(\x03\x12\x11\n\tfrequency\x18\x02 \x01(\x01\x12\x17\n\x0fimage_frequency\x18\x03 \x01(\x01\x12\x16\n\x0emax_activation\x18\x04 \x01(\x01\x12\x17\n\x0fmean_activation\x18\x05 \x01(\x01\x12\x0c\n\x04\x64\x65\x61\x64\x18\x06 \x01(\x08\x12\r\n\x05\x64\x65nse\x18\x07 \x01(\x08\x12\r\n\x05label\x18\x08 \x01(\t\"2\n\x10GetLatentRequest\x12\x0e\n\x06sae_id\x18\x01 \x01(\t\x12\x0e\n\x06latent\x18\x02 \x01(\x03\"8\n\x11GetLatentResponse\x12#\n\x05stats\x18\x01 \x01(\x0b\x32\x14.saev.v1.LatentStats\"\xf9\x01\n\x12ListLatentsRequest\x12\x0e\n\x06sae_id\x18\x01 \x01(\t\x12&\n\x08order_by\x18\x02 \x01(\x0e\x32\x14.saev.v1.LatentOrder\x12\x12\n\ndescending\x18\x03 \x01(\x08\x12\x1a\n\rmin_frequency\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\rmax_frequency\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x0cinclude_dead\x18\x06 \x01(\x08\x12\x11\n\tpage_size\x18\x07 \x01(\x05\x12\x12\n\npage_token\x18\x08 \x01(\tB\x10\n\x0e_min_frequencyB\x10\n\x0e_max_frequency\"d\n\x13ListLatentsResponse\x12%\n\x07latents\x18\x01 \x03(\x0b\x32\x14.saev.v1.LatentStats\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\x03\"\x90\x01\n\x08\x45xemplar\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x16\n\x0emax_activation\x18\x02 \x01(\x02\x12\x1d\n\x05image\x18\x03 \x01(\x0b\x32\x0e.saev.v1.Image\x12 \n\x07heatmap\x18\x04 \x01(\x0b\x32\x0f.saev.v1.Tensor\x12\x19\n\x11\x61ugmentation_json\x18\x05 \x01(\t\"|\n\x19GetLatentExemplarsRequest\x12\x0e\n\x06sae_id\x18\x01 \x01(\t\x12\x0e\n\x06latent\x18\x02 \x01(\x03\x12\r\n\x05limit\x18\x03 \x01(\x05\x12\x16\n\x0einclude_images\x18\x04 \x01(\x08\x12\x18\n\x10include_heatmaps\x18\x05 \x01(\x08\"x\n\x1aGetLatentExemplarsResponse\x12\x0e\n\x06latent\x18\x01 \x01(\x03\x12$\n\texemplars\x18\x02 \x03(\x0b\x32\x11.saev.v1.Exemplar\x12$\n\x06layout\x18\x03 \x01(\x0b\x32\x14.saev.v1.TokenLayout\"s\n\x0bImageLatent\x12\x0e\n\x06latent\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x02\x12 \n\x07heatmap\x18\x03 \x01(\x0b\x32\x0f.saev.v1.Tensor\x12#\n\x05stats\x18\x04 \x01(\x0b\x32\x14.saev.v1.LatentStats\"\x96\x01\n\x16GetImageLatentsRequest\x12\x0e\n\x06sae_id\x18\x01 \x01(\t\x12\x1d\n\x05image\x18\x02 \x01(\x0b\x32\x0e.saev.v1.Image\x12\t\n\x01k\x18\x03 \x01(\x05\x12(\n\x07patches\x18\x04 \x01(\x0b\x32\x17.saev.v1.PatchSelection\x12\x18\n\x10include_heatmaps\x18\x05 \x01(\x08\"f\n\x17GetImageLatentsResponse\x12%\n\x07latents\x18\x01 \x03(\x0b\x32\x14.saev.v1.ImageLatent\x12$\n\x06layout\x18\x02 \x01(\x0b\x32\x14.saev.v1.TokenLayout*\x80\x01\n\x0bLatentOrder\x12\x1c\n\x18LATENT_ORDER_UNSPECIFIED\x10\x00\x12\x16\n\x12LATENT_ORDER_INDEX\x10\x01\x12\x1a\n\x16LATENT_ORDER_FREQUENCY\x10\x02\x12\x1f\n\x1bLATENT_ORDER_MAX_ACTIVATION\x10\x03\x32\xcd\x02\n\x08\x46\x65\x61tures\x12\x42\n\tGetLatent\x12\x19.saev.v1.GetLatentRequest\x1a\x1a.saev.v1.GetLatentResponse\x12H\n\x0bListLatents\x12\x1b.saev.v1.ListLatentsRequest\x1a\x1c.saev.v1.ListLatentsResponse\x12]\n\x12GetLatentExemplars\x12\".saev.v1.GetLatentExemplarsRequest\x1a#.saev.v1.GetLatentExemplarsResponse\x12T\n\x0fGetImageLatents\x12\x1f.saev.v1.GetImageLatentsRequest\x1a .saev.v1.GetImageLatentsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16saev/v1/features.proto\x12\x07saev.v1\x1a\x14saev/v1/common.proto\"\xa6\x01\n\x0bLatentStats\x12\x0e\n\x06latent\x18\x01 \x01(\x03\x12\x11\n\tfrequency\x18\x02 \x01(\x01\x12\x17\n\x0fimage_frequency\x18\x03 \x01(\x01\x12\x16\n\x0emax_activation\x18\x04 \x01(\x01\x12\x17\n\x0fmean_activation\x18\x05 \x01(\x01\x12\x0c\n\x04\x64\x65\x61\x64\x18\x06 \x01(\x08\x12\r\n\x05\x64\x65nse\x18\x07 \x01(\x08\x12\r\n\x05label\x18\x08 \x01(\t\"2\n\x10GetLatentRequest\x12\x0e\n\x06sae_id\x18\x01 \x01(\t\x12\x0e\n\x06latent\x18\x02 \x01(\x03\"8\n\x11GetLatentResponse\x12#\n\x05stats\x18\x01 \x01(\x0b\x32\x14.saev.v1.LatentStats\"\xf9\x01\n\x12ListLatentsRequest\x12\x0e\n\x06sae_id\x18\x01 \x01(\t\x12&\n\x08order_by\x18\x02 \x01(\x0e\x32\x14.saev.v1.LatentOrder\x12\x12\n\ndescending\x18\x03 \x01(\x08\x12\x1a\n\rmin_frequency\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\rmax_frequency\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x0cinclude_dead\x18\x06 \x01(\x08\x12\x11\n\tpage_size\x18\x07 \x01(\x05\x12\x12\n\npage_token\x18\x08 \x01(\tB\x10\n\x0e_min_frequencyB\x10\n\x0e_max_frequency\"d\n\x13ListLatentsResponse\x12%\n\x07latents\x18\x01 \x03(\x0b\x32\x14.saev.v1.LatentStats\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\x03\"\xd1\x01\n\x08\x45xemplar\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x16\n\x0emax_activation\x18\x02 \x01(\x02\x12\x1d\n\x05image\x18\x03 \x01(\x0b\x32\x0e.saev.v1.Image\x12 \n\x07heatmap\x18\x04 \x01(\x0b\x32\x0f.saev.v1.Tensor\x12\x19\n\x11\x61ugmentation_json\x18\x05 \x01(\t\x12\x0c\n\x04rank\x18\x06 \x01(\x05\x12\x13\n\x0bimage_index\x18\x07 \x01(\x03\x12\x12\n\x05label\x18\x08 \x01(\x03H\x00\x88\x01\x01\x42\x08\n\x06_label\"\x8a\x01\n\x19GetLatentExemplarsRequest\x12\x0e\n\x06sae_id\x18\x01 \x01(\t\x12\x0e\n\x06latent\x18\x02 \x01(\x03\x12\r\n\x05limit\x18\x03 \x01(\x05\x12\x16\n\x0einclude_images\x18\x04 \x01(\x08\x12\x18\n\x10include_heatmaps\x18\x05 \x01(\x08\x12\x0c\n\x04kind\x18\x06 \x01(\t\"\xc5\x01\n\x1aGetLatentExemplarsResponse\x12\x0e\n\x06latent\x18\x01 \x01(\x03\x12$\n\texemplars\x18\x02 \x03(\x0b\x32\x11.saev.v1.Exemplar\x12$\n\x06layout\x18\x03 \x01(\x0b\x32\x14.saev.v1.TokenLayout\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\r\n\x05scale\x18\x05 \x01(\x02\x12\x13\n\x0b\x61nalysis_id\x18\x06 \x01(\t\x12\x19\n\x11tiles_unavailable\x18\x07 \x01(\t\"I\n\x19GetLatentHistogramRequest\x12\x0e\n\x06sae_id\x18\x01 \x01(\t\x12\x0e\n\x06latent\x18\x02 \x01(\x03\x12\x0c\n\x04\x62ins\x18\x03 \x01(\x05\"\xbf\x01\n\x1aGetLatentHistogramResponse\x12\x0e\n\x06latent\x18\x01 \x01(\x03\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\r\n\x05\x65\x64ges\x18\x03 \x03(\x01\x12\x0e\n\x06\x63ounts\x18\x04 \x03(\x03\x12\r\n\x05zeros\x18\x05 \x01(\x03\x12\x10\n\x08n_values\x18\x06 \x01(\x03\x12\x11\n\tfrequency\x18\x07 \x01(\x01\x12\x16\n\x0eview_frequency\x18\x08 \x01(\x01\x12\x16\n\x0emax_activation\x18\t \x01(\x01\"J\n\x19ListAnalysedImagesRequest\x12\x0e\n\x06sae_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x05\x12\r\n\x05limit\x18\x03 \x01(\x05\"T\n\rAnalysedImage\x12\x13\n\x0bimage_index\x18\x01 \x01(\x03\x12\x10\n\x08image_id\x18\x02 \x01(\t\x12\x12\n\x05label\x18\x03 \x01(\x03H\x00\x88\x01\x01\x42\x08\n\x06_label\"S\n\x1aListAnalysedImagesResponse\x12&\n\x06images\x18\x01 \x03(\x0b\x32\x16.saev.v1.AnalysedImage\x12\r\n\x05total\x18\x02 \x01(\x03\"P\n\x1eGetAnalysedImageLatentsRequest\x12\x0e\n\x06sae_id\x18\x01 \x01(\t\x12\x13\n\x0bimage_index\x18\x02 \x01(\x03\x12\t\n\x01k\x18\x03 \x01(\x05\"o\n\x1fGetAnalysedImageLatentsResponse\x12%\n\x05image\x18\x01 \x01(\x0b\x32\x16.saev.v1.AnalysedImage\x12%\n\x07latents\x18\x02 \x03(\x0b\x32\x14.saev.v1.ImageLatent\"s\n\x0bImageLatent\x12\x0e\n\x06latent\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x02\x12 \n\x07heatmap\x18\x03 \x01(\x0b\x32\x0f.saev.v1.Tensor\x12#\n\x05stats\x18\x04 \x01(\x0b\x32\x14.saev.v1.LatentStats\"\x96\x01\n\x16GetImageLatentsRequest\x12\x0e\n\x06sae_id\x18\x01 \x01(\t\x12\x1d\n\x05image\x18\x02 \x01(\x0b\x32\x0e.saev.v1.Image\x12\t\n\x01k\x18\x03 \x01(\x05\x12(\n\x07patches\x18\x04 \x01(\x0b\x32\x17.saev.v1.PatchSelection\x12\x18\n\x10include_heatmaps\x18\x05 \x01(\x08\"f\n\x17GetImageLatentsResponse\x12%\n\x07latents\x18\x01 \x03(\x0b\x32\x14.saev.v1.ImageLatent\x12$\n\x06layout\x18\x02 \x01(\x0b\x32\x14.saev.v1.TokenLayout*\x80\x01\n\x0bLatentOrder\x12\x1c\n\x18LATENT_ORDER_UNSPECIFIED\x10\x00\x12\x16\n\x12LATENT_ORDER_INDEX\x10\x01\x12\x1a\n\x16LATENT_ORDER_FREQUENCY\x10\x02\x12\x1f\n\x1bLATENT_ORDER_MAX_ACTIVATION\x10\x03\x32\xf9\x04\n\x08\x46\x65\x61tures\x12\x42\n\tGetLatent\x12\x19.saev.v1.GetLatentRequest\x1a\x1a.saev.v1.GetLatentResponse\x12H\n\x0bListLatents\x12\x1b.saev.v1.ListLatentsRequest\x1a\x1c.saev.v1.ListLatentsResponse\x12]\n\x12GetLatentExemplars\x12\".saev.v1.GetLatentExemplarsRequest\x1a#.saev.v1.GetLatentExemplarsResponse\x12T\n\x0fGetImageLatents\x12\x1f.saev.v1.GetImageLatentsRequest\x1a .saev.v1.GetImageLatentsResponse\x12]\n\x12GetLatentHistogram\x12\".saev.v1.GetLatentHistogramRequest\x1a#.saev.v1.GetLatentHistogramResponse\x12]\n\x12ListAnalysedImages\x12\".saev.v1.ListAnalysedImagesRequest\x1a#.saev.v1.ListAnalysedImagesResponse\x12l\n\x17GetAnalysedImageLatents\x12\'.saev.v1.GetAnalysedImageLatentsRequest\x1a(.saev.v1.GetAnalysedImageLatentsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sae_shared.proto.saev.v1.features_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LATENTORDER']._serialized_start=1460
-  _globals['_LATENTORDER']._serialized_end=1588
+  _globals['_LATENTORDER']._serialized_start=2329
+  _globals['_LATENTORDER']._serialized_end=2457
   _globals['_LATENTSTATS']._serialized_start=58
   _globals['_LATENTSTATS']._serialized_end=224
   _globals['_GETLATENTREQUEST']._serialized_start=226
@@ -45,17 +45,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTLATENTSRESPONSE']._serialized_start=588
   _globals['_LISTLATENTSRESPONSE']._serialized_end=688
   _globals['_EXEMPLAR']._serialized_start=691
-  _globals['_EXEMPLAR']._serialized_end=835
-  _globals['_GETLATENTEXEMPLARSREQUEST']._serialized_start=837
-  _globals['_GETLATENTEXEMPLARSREQUEST']._serialized_end=961
-  _globals['_GETLATENTEXEMPLARSRESPONSE']._serialized_start=963
-  _globals['_GETLATENTEXEMPLARSRESPONSE']._serialized_end=1083
-  _globals['_IMAGELATENT']._serialized_start=1085
-  _globals['_IMAGELATENT']._serialized_end=1200
-  _globals['_GETIMAGELATENTSREQUEST']._serialized_start=1203
-  _globals['_GETIMAGELATENTSREQUEST']._serialized_end=1353
-  _globals['_GETIMAGELATENTSRESPONSE']._serialized_start=1355
-  _globals['_GETIMAGELATENTSRESPONSE']._serialized_end=1457
-  _globals['_FEATURES']._serialized_start=1591
-  _globals['_FEATURES']._serialized_end=1924
+  _globals['_EXEMPLAR']._serialized_end=900
+  _globals['_GETLATENTEXEMPLARSREQUEST']._serialized_start=903
+  _globals['_GETLATENTEXEMPLARSREQUEST']._serialized_end=1041
+  _globals['_GETLATENTEXEMPLARSRESPONSE']._serialized_start=1044
+  _globals['_GETLATENTEXEMPLARSRESPONSE']._serialized_end=1241
+  _globals['_GETLATENTHISTOGRAMREQUEST']._serialized_start=1243
+  _globals['_GETLATENTHISTOGRAMREQUEST']._serialized_end=1316
+  _globals['_GETLATENTHISTOGRAMRESPONSE']._serialized_start=1319
+  _globals['_GETLATENTHISTOGRAMRESPONSE']._serialized_end=1510
+  _globals['_LISTANALYSEDIMAGESREQUEST']._serialized_start=1512
+  _globals['_LISTANALYSEDIMAGESREQUEST']._serialized_end=1586
+  _globals['_ANALYSEDIMAGE']._serialized_start=1588
+  _globals['_ANALYSEDIMAGE']._serialized_end=1672
+  _globals['_LISTANALYSEDIMAGESRESPONSE']._serialized_start=1674
+  _globals['_LISTANALYSEDIMAGESRESPONSE']._serialized_end=1757
+  _globals['_GETANALYSEDIMAGELATENTSREQUEST']._serialized_start=1759
+  _globals['_GETANALYSEDIMAGELATENTSREQUEST']._serialized_end=1839
+  _globals['_GETANALYSEDIMAGELATENTSRESPONSE']._serialized_start=1841
+  _globals['_GETANALYSEDIMAGELATENTSRESPONSE']._serialized_end=1952
+  _globals['_IMAGELATENT']._serialized_start=1954
+  _globals['_IMAGELATENT']._serialized_end=2069
+  _globals['_GETIMAGELATENTSREQUEST']._serialized_start=2072
+  _globals['_GETIMAGELATENTSREQUEST']._serialized_end=2222
+  _globals['_GETIMAGELATENTSRESPONSE']._serialized_start=2224
+  _globals['_GETIMAGELATENTSRESPONSE']._serialized_end=2326
+  _globals['_FEATURES']._serialized_start=2460
+  _globals['_FEATURES']._serialized_end=3093
 # @@protoc_insertion_point(module_scope)

@@ -55,6 +55,21 @@ class FeaturesStub:
                 request_serializer=saev_dot_v1_dot_features__pb2.GetImageLatentsRequest.SerializeToString,
                 response_deserializer=saev_dot_v1_dot_features__pb2.GetImageLatentsResponse.FromString,
                 _registered_method=True)
+        self.GetLatentHistogram = channel.unary_unary(
+                '/saev.v1.Features/GetLatentHistogram',
+                request_serializer=saev_dot_v1_dot_features__pb2.GetLatentHistogramRequest.SerializeToString,
+                response_deserializer=saev_dot_v1_dot_features__pb2.GetLatentHistogramResponse.FromString,
+                _registered_method=True)
+        self.ListAnalysedImages = channel.unary_unary(
+                '/saev.v1.Features/ListAnalysedImages',
+                request_serializer=saev_dot_v1_dot_features__pb2.ListAnalysedImagesRequest.SerializeToString,
+                response_deserializer=saev_dot_v1_dot_features__pb2.ListAnalysedImagesResponse.FromString,
+                _registered_method=True)
+        self.GetAnalysedImageLatents = channel.unary_unary(
+                '/saev.v1.Features/GetAnalysedImageLatents',
+                request_serializer=saev_dot_v1_dot_features__pb2.GetAnalysedImageLatentsRequest.SerializeToString,
+                response_deserializer=saev_dot_v1_dot_features__pb2.GetAnalysedImageLatentsResponse.FromString,
+                _registered_method=True)
 
 
 class FeaturesServicer:
@@ -89,6 +104,27 @@ class FeaturesServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLatentHistogram(self, request, context):
+        """A histogram of one latent's activations, from the analysis (see LatentHistogram).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAnalysedImages(self, request, context):
+        """The images an analysis ran over (dataset index, id, label), paged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAnalysedImageLatents(self, request, context):
+        """The strongest latents of one analysed image, from the analysis' reverse index (no model call).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FeaturesServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +147,21 @@ def add_FeaturesServicer_to_server(servicer, server):
                     servicer.GetImageLatents,
                     request_deserializer=saev_dot_v1_dot_features__pb2.GetImageLatentsRequest.FromString,
                     response_serializer=saev_dot_v1_dot_features__pb2.GetImageLatentsResponse.SerializeToString,
+            ),
+            'GetLatentHistogram': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLatentHistogram,
+                    request_deserializer=saev_dot_v1_dot_features__pb2.GetLatentHistogramRequest.FromString,
+                    response_serializer=saev_dot_v1_dot_features__pb2.GetLatentHistogramResponse.SerializeToString,
+            ),
+            'ListAnalysedImages': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAnalysedImages,
+                    request_deserializer=saev_dot_v1_dot_features__pb2.ListAnalysedImagesRequest.FromString,
+                    response_serializer=saev_dot_v1_dot_features__pb2.ListAnalysedImagesResponse.SerializeToString,
+            ),
+            'GetAnalysedImageLatents': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAnalysedImageLatents,
+                    request_deserializer=saev_dot_v1_dot_features__pb2.GetAnalysedImageLatentsRequest.FromString,
+                    response_serializer=saev_dot_v1_dot_features__pb2.GetAnalysedImageLatentsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +273,87 @@ class Features:
             '/saev.v1.Features/GetImageLatents',
             saev_dot_v1_dot_features__pb2.GetImageLatentsRequest.SerializeToString,
             saev_dot_v1_dot_features__pb2.GetImageLatentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLatentHistogram(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/saev.v1.Features/GetLatentHistogram',
+            saev_dot_v1_dot_features__pb2.GetLatentHistogramRequest.SerializeToString,
+            saev_dot_v1_dot_features__pb2.GetLatentHistogramResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAnalysedImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/saev.v1.Features/ListAnalysedImages',
+            saev_dot_v1_dot_features__pb2.ListAnalysedImagesRequest.SerializeToString,
+            saev_dot_v1_dot_features__pb2.ListAnalysedImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAnalysedImageLatents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/saev.v1.Features/GetAnalysedImageLatents',
+            saev_dot_v1_dot_features__pb2.GetAnalysedImageLatentsRequest.SerializeToString,
+            saev_dot_v1_dot_features__pb2.GetAnalysedImageLatentsResponse.FromString,
             options,
             channel_credentials,
             insecure,
