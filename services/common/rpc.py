@@ -83,6 +83,10 @@ def server_stream(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncI
             if grpc_context is None:
                 raise err from None
             _set_status(grpc_context, err)
+            # Serve carries a streaming method's status to the client only with a message or an exception: without
+            # this raise an error before the first message (no key, unknown id) would end an empty stream with OK.
+            # Serve keeps the code and details set above (no traceback reaches the client).
+            raise err from None
         finally:
             metrics.record_request(name, code, time.perf_counter() - started)
 
