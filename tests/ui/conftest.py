@@ -108,7 +108,8 @@ def _build_probe(store, backbone, dataset, probe_id: str) -> None:
 
 
 def _build_saes(store, backbone, dataset_spec: str, sae_ids: list[str]) -> None:
-    """Record the dataset at LAYERS, then one analysed SAE per layer."""
+    """Record the dataset at LAYERS, then one analysed SAE per layer (a few tiles pre-rendered; the gateway renders
+    the others on first use)."""
     import torch
 
     from sae_shared.analysis import AnalyzeOptions, analyze
@@ -127,7 +128,7 @@ def _build_saes(store, backbone, dataset_spec: str, sae_ids: list[str]) -> None:
         sae = _make_sae(backbone, acts_nd, layer, seed=3 + i)
         save_sae(sae, f"saes/{sae_id}", store=store, overwrite=True)
         with torch.inference_mode():
-            analyze(store, sae_id, result.acts_id, AnalyzeOptions(top_k=6, reverse_n=12, max_tiles=64,
+            analyze(store, sae_id, result.acts_id, AnalyzeOptions(top_k=6, reverse_n=12, max_tiles=16,
                                                                   batch_rows=8, checkpoint_seconds=1e9))
 
 
@@ -188,6 +189,9 @@ def shot(request):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
 
     def take(page, name: str) -> Path:
+        # the images in view first (lazy ones further down load only when scrolled to)
+        page.wait_for_function("[...document.images].filter(i => i.getBoundingClientRect().top < innerHeight)"
+                               ".every(i => i.complete)", timeout=60_000)
         path = ARTIFACTS / f"{name}.png"
         page.screenshot(path=str(path), full_page=True)
         return path

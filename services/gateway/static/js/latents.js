@@ -75,7 +75,7 @@ export async function renderLatents(root, query) {
   const more = el("button", { type: "button", class: "secondary" }, "Load more");
   const status = el("div");
   root.append(summary, el("table", { id: "latent-table" }, el("thead", {}, el("tr", {},
-    COLUMNS.map(([k, label]) => el("th", {}, el("button", {
+    COLUMNS.map(([k, label]) => el("th", {}, k === "image_frequency" ? label : el("button", {
       type: "button", class: `sort${k === opts.sort ? " on" : ""}${k === opts.sort && !opts.desc ? " asc" : ""}`,
       onclick: () => {
         const next = { ...opts, sort: k, desc: k === opts.sort ? !opts.desc : true };
@@ -177,7 +177,7 @@ export async function renderLatent(root, saeId, latent) {
     top.append(errorBox(err));
   }
   try {
-    const ex = await api(`/v1/saes/${enc(saeId)}/latents/${latent}/exemplars`, { query: { kind: "patch", limit: 12, include_heatmaps: true } });
+    const ex = await api(`/v1/saes/${enc(saeId)}/latents/${latent}/exemplars`, { query: { kind: "patch", limit: 12 } });
     const exemplars = ex.exemplars || [];
     if (!exemplars.length) grid.append(el("p", { class: "muted" }, "This latent fired on no analysed image."));
     exemplars.forEach((e, rank) => {

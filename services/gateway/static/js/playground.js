@@ -140,8 +140,12 @@ export async function renderPlayground(root, query) {
       showResult(head, result, answer.layout);
       if (edits.length) {
         clear(drift, el("p", { class: "loading" }, "Re-encoding the edited residual…"));
-        const d = await offTargetDrift(saeId, result, answer.layout, edits.map((e) => e.latent), selectionOn(rows, cols), rows * cols);
-        if (mine === seq) showDrift(d);
+        try {
+          const d = await offTargetDrift(saeId, result, answer.layout, edits.map((e) => e.latent), selectionOn(rows, cols), rows * cols);
+          if (mine === seq) showDrift(d);
+        } catch (err) {
+          if (mine === seq) clear(drift, errorBox(err));
+        }
       } else {
         clear(drift, el("p", { class: "muted" }, "No edit: nothing drifts."));
       }
@@ -238,10 +242,11 @@ function order(p) {
 // edited tokens and the latents not edited, how far the codes moved (mean and max |Δ|, ‖Δ‖ / ‖f‖, latents that
 // switched on or off per token).
 async function offTargetDrift(saeId, result, layout, edited, selected, nPatches) {
-  const xb = tensorBytes(result.activations_before);
-  const xa = tensorBytes(result.activations_after);
+  const float32Bytes = (t) => (t.dtype === "DTYPE_FLOAT32" ? tensorBytes(t)
+    : new Uint8Array(Float32Array.from(decodeTensor(t).data).buffer));
+  const xb = float32Bytes(result.activations_before);
+  const xa = float32Bytes(result.activations_after);
   const [T, D] = result.activations_before.shape.map(Number);
-  if (result.activations_before.dtype !== "DTYPE_FLOAT32") throw new Error("drift needs float32 activations");
   const both = new Uint8Array(xb.length + xa.length);
   both.set(xb, 0);
   both.set(xa, xb.length);
