@@ -57,6 +57,10 @@ METHODS = {
     "GetLatent": ("Features", "features_pb2", "GetLatentResponse"),
     "ListLatents": ("Features", "features_pb2", "ListLatentsResponse"),
     "GetImageLatents": ("Features", "features_pb2", "GetImageLatentsResponse"),
+    "GetLatentExemplars": ("Features", "features_pb2", "GetLatentExemplarsResponse"),
+    "GetLatentHistogram": ("Features", "features_pb2", "GetLatentHistogramResponse"),
+    "ListAnalysedImages": ("Features", "features_pb2", "ListAnalysedImagesResponse"),
+    "GetAnalysedImageLatents": ("Features", "features_pb2", "GetAnalysedImageLatentsResponse"),
 }
 """RPC -> (gRPC service, stub module, response message)."""
 HTTP_POST = {"GetActivations": "/v1/activations", "ForwardFrom": "/v1/forward", "Encode": "/v1/saes/encode",
@@ -243,6 +247,16 @@ class _Http:
             return "GET", "/v1/jobs", params, None
         if rpc == "GetLatent":
             return "GET", f"/v1/saes/{request.sae_id}/latents/{request.latent}", None, None
+        if rpc == "GetLatentExemplars":
+            params = {"kind": request.kind or "patch", "limit": request.limit,
+                      "include_heatmaps": request.include_heatmaps, "include_images": request.include_images}
+            return "GET", f"/v1/saes/{request.sae_id}/latents/{request.latent}/exemplars", params, None
+        if rpc == "GetLatentHistogram":
+            return "GET", f"/v1/saes/{request.sae_id}/latents/{request.latent}/histogram", {"bins": request.bins}, None
+        if rpc == "ListAnalysedImages":
+            return "GET", f"/v1/saes/{request.sae_id}/images", {"offset": request.offset, "limit": request.limit}, None
+        if rpc == "GetAnalysedImageLatents":
+            return "GET", f"/v1/saes/{request.sae_id}/images/{request.image_index}/latents", {"k": request.k}, None
         raise ClientError("UNIMPLEMENTED", f"{rpc} has no HTTP route")
 
     def _error(self, response) -> ClientError:
@@ -439,6 +453,47 @@ class Client:
         from sae_shared.proto.saev.v1 import features_pb2 as fpb
 
         return self.call("GetLatent", fpb.GetLatentRequest(sae_id=sae_id, latent=latent)).stats
+
+    def latent_exemplars(self, sae_id: str, latent: int, *, kind: str = "patch", limit: int = 0,
+                         include_heatmaps: bool = False, include_images: bool = False):
+        """The latent's top exemplars from the SAE's analysis (``saev.v1.GetLatentExemplarsResponse``): each with
+        its tile's object key, or the PNG bytes with ``include_images``; heatmaps with ``include_heatmaps``."""
+        from sae_shared.proto.saev.v1 import features_pb2 as fpb
+
+        return self.call("GetLatentExemplars", fpb.GetLatentExemplarsRequest(
+            sae_id=sae_id, latent=latent, kind=kind, limit=limit, include_heatmaps=include_heatmaps,
+            include_images=include_images))
+
+    def tile(self, sae_id: str, latent: int, rank: int = 0, *, kind: str = "patch") -> bytes:
+        """PNG bytes of exemplar ``rank`` of ``latent`` (its view with the latent's heatmap over it)."""
+        exemplars = self.latent_exemplars(sae_id, latent, kind=kind, limit=rank + 1, include_images=True)
+        if len(exemplars.exemplars) <= rank:
+            raise ClientError("NOT_FOUND", f"latent {latent} has {len(exemplars.exemplars)} {kind} exemplars, "
+                                           f"no rank {rank}")
+        if exemplars.tiles_unavailable:
+            raise ClientError("FAILED_PRECONDITION", exemplars.tiles_unavailable)
+        return exemplars.exemplars[rank].image.encoded
+
+    def latent_histogram(self, sae_id: str, latent: int, *, bins: int = 0):
+        """Histogram of the latent's codes on its exemplars' patches (``saev.v1.GetLatentHistogramResponse``)."""
+        from sae_shared.proto.saev.v1 import features_pb2 as fpb
+
+        return self.call("GetLatentHistogram", fpb.GetLatentHistogramRequest(sae_id=sae_id, latent=latent, bins=bins))
+
+    def analysed_images(self, sae_id: str, *, offset: int = 0, limit: int = 0):
+        """A page of the images the SAE's analysis ran over (``saev.v1.ListAnalysedImagesResponse``)."""
+        from sae_shared.proto.saev.v1 import features_pb2 as fpb
+
+        return self.call("ListAnalysedImages", fpb.ListAnalysedImagesRequest(sae_id=sae_id, offset=offset,
+                                                                            limit=limit))
+
+    def analysed_image_latents(self, sae_id: str, image_index: int, *, k: int = 0) -> list[tuple[int, float]]:
+        """An analysed image's strongest latents from the reverse index: ``[(latent, value), ...]``."""
+        from sae_shared.proto.saev.v1 import features_pb2 as fpb
+
+        out = self.call("GetAnalysedImageLatents", fpb.GetAnalysedImageLatentsRequest(
+            sae_id=sae_id, image_index=image_index, k=k))
+        return [(int(x.latent), float(x.value)) for x in out.latents]
 
     # -- jobs -------------------------------------------------------------------------------------------------------
 

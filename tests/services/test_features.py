@@ -191,3 +191,24 @@ def test_new_routes_need_a_key(running, analysis):
         url = running.http_url + f"/v1/saes/{analysis.sae_id}{path}"
         assert httpx.get(url, timeout=60).status_code == 401
         assert httpx.get(url, params={"key": running.api_key}, timeout=60).status_code == 401  # only the .png routes
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_client_feature_methods(running, analysis, reader, latent, protocol):
+    from sae_shared.client import ClientError, connect
+    from sae_shared.tiles import get_tile
+
+    url = f"grpc://{running.grpc_address}" if protocol == "grpc" else running.http_url
+    with connect(url, api_key=running.api_key, timeout=120, settings=running.settings) as c:
+        out = c.latent_exemplars(analysis.sae_id, latent, limit=2)
+        assert [(x.image_id, x.rank) for x in out.exemplars] == [
+            (e.image_id, e.rank) for e in reader.exemplars(latent, limit=2)]
+        assert c.tile(analysis.sae_id, latent, 1) == get_tile(analysis.store, analysis.sae_id, latent, 1, "patch")
+        index = reader.images()["image_index"][0]
+        assert c.analysed_image_latents(analysis.sae_id, index, k=3) == [
+            (i, pytest.approx(v)) for i, v in reader.image_latents(image_index=index)[:3]]
+        assert c.analysed_images(analysis.sae_id).total == len(running.images)
+        assert len(c.latent_histogram(analysis.sae_id, latent, bins=4).counts) == 4
+        with pytest.raises(ClientError) as err:
+            c.latent_exemplars("never-analysed", 0)
+        assert err.value.code == "NOT_FOUND"
