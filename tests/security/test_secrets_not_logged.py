@@ -11,11 +11,9 @@ a wrong S3 secret (error paths are where credentials leak). The Ray Serve servic
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest

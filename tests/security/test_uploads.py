@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -72,7 +73,7 @@ def test_hostile_files_beside_good_ones_are_skipped_and_listed_and_never_stored(
     assert result["n_images"] == 1
     assert set(skipped) == set(reasons) | {"link.png", "big.png"}
     for name, pattern in reasons.items():
-        assert __import__("re").search(pattern, skipped[name]), (name, skipped[name])
+        assert re.search(pattern, skipped[name]), (name, skipped[name])
     assert "symbolic link" in skipped["link.png"] and "limit" in skipped["big.png"]
     keys = store.list("datasets/mixed/")
     assert sorted(k.rsplit("/", 1)[-1] for k in keys if "/images/" in k) == ["000000-good.png"]
