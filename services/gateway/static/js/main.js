@@ -19,6 +19,7 @@ function fillSaeSelect() {
 select.addEventListener("change", () => {
   state.saeId = select.value;
   state.edits = [];
+  state.headId = "";
   route();
 });
 

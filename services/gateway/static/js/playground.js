@@ -31,19 +31,40 @@ export async function renderPlayground(root, query) {
     state.edits.push({ latent: fromLink, value: 0, on: true });
   }
   const grid = gridOf(saeId);
+  // The task-head service lists the heads it has loaded; another head id (e.g. a probe just trained) can be typed
+  // in: it loads on first use and is listed from then on.
   let heads = [];
-  try {
+  const listHeads = async () => {
     heads = ((await api("/v1/heads", { query: { backbone_id: info.backbone_id } })).heads || []);
+  };
+  try {
+    await listHeads();
   } catch (err) {
     root.append(errorBox(err));
   }
-  if (!state.headId || !heads.some((h) => h.head_id === state.headId)) state.headId = heads.length ? heads[0].head_id : "";
+  if (!state.headId) state.headId = heads.length ? heads[0].head_id : "";
 
-  const headSelect = el("select", { id: "head-select", "aria-label": "task head" },
-    heads.map((h) => el("option", { value: h.head_id, selected: h.head_id === state.headId },
-      `${h.head_id} (${h.kind === "HEAD_KIND_SEGMENTER" ? "segmenter" : "classifier"}, ${h.n_classes} classes)`)));
-  if (!heads.length) headSelect.append(el("option", { value: "" }, "no head on this backbone"));
-  headSelect.addEventListener("change", () => { state.headId = headSelect.value; apply(); });
+  const OTHER = "\u0000other";
+  const headSelect = el("select", { id: "head-select", "aria-label": "task head" });
+  const otherHead = el("input", { type: "text", id: "head-id", placeholder: "head id", "aria-label": "head id", hidden: true });
+  function fillHeads() {
+    const known = heads.some((h) => h.head_id === state.headId);
+    clear(headSelect, heads.map((h) => el("option", { value: h.head_id, selected: h.head_id === state.headId },
+      `${h.head_id} (${h.kind === "HEAD_KIND_SEGMENTER" ? "segmenter" : "classifier"}, ${h.n_classes} classes)`)),
+    el("option", { value: OTHER, selected: !known }, "another head id…"));
+    otherHead.hidden = known;
+    if (!known) otherHead.value = state.headId;
+  }
+  fillHeads();
+  headSelect.addEventListener("change", () => {
+    otherHead.hidden = headSelect.value !== OTHER;
+    state.headId = headSelect.value === OTHER ? otherHead.value.trim() : headSelect.value;
+    apply();
+  });
+  otherHead.addEventListener("change", () => {
+    state.headId = otherHead.value.trim();
+    apply();
+  });
 
   const editsBox = el("div", { class: "col", id: "edits" });
   const addInput = el("input", { type: "number", min: 0, max: Number(info.d_sae) - 1, step: 1, id: "add-latent", placeholder: "latent #" });
@@ -85,7 +106,7 @@ export async function renderPlayground(root, query) {
 
   root.append(el("div", { class: "row" }, left, el("div", { class: "col", style: "flex:1;min-width:380px" },
     el("div", { class: "panel col" },
-      el("label", {}, "Task head ", headSelect),
+      el("label", {}, "Task head ", headSelect, " ", otherHead),
       el("h3", {}, "Latent edits (applied to the selected patches)"),
       editsBox,
       el("div", { class: "row" }, addInput, addButton, strongest)),
@@ -118,9 +139,10 @@ export async function renderPlayground(root, query) {
 
   let seq = 0;
   async function apply() {
-    const head = heads.find((h) => h.head_id === state.headId);
+    const known = heads.find((h) => h.head_id === state.headId);
+    const head = known || (state.headId ? { head_id: state.headId, class_names: [] } : null);
     if (!state.image || !head) {
-      clear(results, el("p", { class: "muted" }, !state.image ? "Choose or upload an image." : "No task head for this backbone."));
+      clear(results, el("p", { class: "muted" }, !state.image ? "Choose or upload an image." : "Choose a task head for this backbone."));
       clear(drift);
       return;
     }
@@ -134,10 +156,11 @@ export async function renderPlayground(root, query) {
     try {
       const answer = await api("/v1/interventions", { method: "POST", body: {
         sae_id: saeId, head_id: head.head_id, images: [{ encoded: toBase64(state.image.bytes), id: state.image.name }],
-        edits, top_k: Math.min(5, head.n_classes), return_activations: edits.length > 0 } });
+        edits, return_activations: edits.length > 0 } });
       if (mine !== seq) return;
       const result = (answer.results || [])[0];
       showResult(head, result, answer.layout);
+      if (!known) listHeads().then(fillHeads).catch(() => {}); // now loaded: its kind and class names
       if (edits.length) {
         clear(drift, el("p", { class: "loading" }, "Re-encoding the edited residual…"));
         try {
@@ -165,7 +188,7 @@ export async function renderPlayground(root, query) {
     const name = (c) => (names[c] !== undefined && names[c] !== "" ? names[c] : `class ${c}`);
     const before = decodeTensor(result.before.logits);
     const after = decodeTensor(result.after.logits);
-    if (head.kind === "HEAD_KIND_SEGMENTER") {
+    if (before.shape.length === 3) { // a segmenter: [classes, height, width]
       clear(results, segmentation(before, after, result.change_rate));
       return;
     }
