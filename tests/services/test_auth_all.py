@@ -149,10 +149,20 @@ def test_every_body_taking_route_refuses_an_oversize_body_before_reading_it(runn
 
 def test_no_secret_reaches_the_services_logs(running, http):
     """Every log file of this Ray session (controller, proxies, replicas, raylet, GCS...) after the requests above,
-    each carrying the API key, and the stack started with the S3 secret key: neither is in any log."""
+    each carrying the API key (in a header, and in the URL of the image routes), and the stack started with the S3
+    secret key: neither is in any log."""
     import ray
 
+    import time
+
     http.get("/v1/backbones")  # one more authenticated request, at least
+    # The image routes take the key as a query parameter (for <img> tags): the URL must not be logged with it.
+    doc = http.get("/openapi.json").json()
+    with_query_key = [path for method, template, path in _operations(doc) if method == "GET" and any(
+        p["name"] == "key" and p.get("in") == "query" for p in doc["paths"][template]["get"].get("parameters", []))]
+    for path in with_query_key:
+        httpx.get(running.http_url + path, params={"key": running.api_key}, timeout=60)
+    time.sleep(2)  # Ray's log writers flush asynchronously
     logs = Path(ray._private.worker._global_node.get_logs_dir_path())
     files = [p for p in logs.rglob("*") if p.is_file()]
     assert len(files) > 10 and any("replica" in p.name.lower() for p in files), [p.name for p in files][:20]
