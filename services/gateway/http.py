@@ -2,7 +2,8 @@
 
 Bodies and responses are the protobuf JSON mapping of the same ``saev.v1`` messages the gRPC API uses (schemas in
 ``/openapi.json``, generated from the descriptors). Every ``/v1`` route needs ``Authorization: Bearer <key>`` when
-keys are configured; ``/healthz`` and ``/readyz`` never do. Errors are JSON ``{"error": {"code", "message",
+keys are configured (the two ``.png`` feature routes also take ``?key=<key>``, for ``<img>`` tags, which cannot send
+headers); ``/healthz`` and ``/readyz`` never do. Errors are JSON ``{"error": {"code", "message",
 "field"}}`` with a 4xx status for bad input (400 invalid, 401 no key, 404 unknown id, 409 not ready for it, 413 too
 large) and 503 + ``Retry-After`` for overload or an unavailable backing service.
 """
