@@ -35,6 +35,7 @@ function askForKey(refused) {
         dialog.close();
         resolve(key);
       };
+      dialog.oncancel = (event) => event.preventDefault(); // Escape would leave the request waiting forever
       dialog.showModal();
       input.focus();
     }).finally(() => {

@@ -169,12 +169,17 @@ export async function renderLatent(root, saeId, latent) {
       el("dt", {}, "Mean value when firing"), el("dd", {}, fmt(stats.mean_activation)),
       el("dt", {}, "Max value"), el("dd", {}, fmt(stats.max_activation)),
       el("dt", {}, "Flags"), el("dd", {}, [stats.dead ? "dead" : "", stats.dense ? "dense" : ""].filter(Boolean).join(", ") || "–")));
-    const hist = response.histogram || (await api(`/v1/saes/${enc(saeId)}/latents/${latent}/histogram`).catch(() => null));
+    const analysed = Boolean(saeInfo(saeId)?.analyzed);
+    const hist = analysed ? await api(`/v1/saes/${enc(saeId)}/latents/${latent}/histogram`).catch(() => null) : null;
     top.append(histogramFigure(hist));
     top.append(el("div", { class: "col" },
       el("a", { href: `#/playground?latent=${latent}` }, "Try it in the intervention playground →")));
   } catch (err) {
     top.append(errorBox(err));
+  }
+  if (!saeInfo(saeId)?.analyzed) {
+    grid.append(el("p", { class: "muted" }, "This SAE is not analysed yet (saevctl analyze): no exemplars."));
+    return;
   }
   try {
     const ex = await api(`/v1/saes/${enc(saeId)}/latents/${latent}/exemplars`, { query: { kind: "patch", limit: 12 } });
