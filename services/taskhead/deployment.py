@@ -1,7 +1,8 @@
 """The task-head deployment: classifiers and segmenters on final tokens (``saev.v1.TaskHead``).
 
 Predict takes the final-normed tokens ForwardFrom returns and gives logits and argmax labels (and the top classes
-of classifiers). Concurrent requests for the same head are merged into one call (``@serve.batch``).
+of classifiers; the per-patch logits of segmenters on request). Concurrent requests for the same head are merged
+into one call (``@serve.batch``).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class TaskHeadService(ModelServiceBase):
                 rows, cols = head.grid
                 tokens = torch.zeros(1, head.n_prefix_tokens + rows * cols, head.d_model, device=head.device)
                 with torch.inference_mode():
-                    out = head.logits(tokens)
+                    out = head.predict(tokens).logits
                 if not bool(torch.isfinite(out).all()):
                     raise RuntimeError(f"head {head.head_id} produced non-finite logits on a zero input")
 
@@ -98,7 +99,8 @@ class TaskHeadService(ModelServiceBase):
 
     @unary(tpb.PredictResponse)
     async def Predict(self, request: tpb.PredictRequest) -> tpb.PredictResponse:
-        """Logits and argmax labels (and top classes for classifiers) from final tokens."""
+        """Logits and argmax labels (top classes for classifiers, patch logits for segmenters on request) from final
+        tokens."""
         from sae_shared.codec import proto_to_tensor
 
         head = await self._head(request.head_id)
@@ -109,11 +111,14 @@ class TaskHeadService(ModelServiceBase):
         tokens = proto_to_tensor(request.tokens, field="tokens", max_bytes=self.limits.max_request_bytes,
                                  max_elements=self.limits.max_tensor_elements)
         tokens_btd = self._full_tokens(head, tokens, request)
-        logits = await self._run(_Work(head, tokens_btd))
-        if 3 * logits.numel() * 4 > self.limits.max_request_bytes:  # logits + int64 labels (<= 2x logits)
+        logits, patch_logits = await self._run(_Work(head, tokens_btd))
+        if not request.patch_logits or head.kind != "segmenter":
+            patch_logits = None
+        nbytes = 3 * logits.numel() * 4 + (0 if patch_logits is None else patch_logits.numel() * 4)
+        if nbytes > self.limits.max_request_bytes:  # logits + int64 labels (<= 2x logits) + patch logits
             raise TooLarge(f"tokens: the predictions for {logits.shape[0]} images would exceed the response limit "
                            f"of {self.limits.max_request_bytes} bytes; send fewer images", "tokens")
-        return await asyncio.to_thread(_predict_response, head, logits, request.top_k)
+        return await asyncio.to_thread(_predict_response, head, logits, patch_logits, request.top_k)
 
     # -- helpers ------------------------------------------------------------------------------------------------
 
@@ -193,11 +198,13 @@ def _compute(works: list[_Work]) -> list[Any]:
         try:
             x = torch.cat([works[i].tokens_btd for i in members]) if len(members) > 1 else works[members[0]].tokens_btd
             with torch.inference_mode():
-                out = head.logits(x.to(head.device)).float().cpu()
+                out = head.predict(x.to(head.device))
+            logits = out.logits.float().cpu()
+            patch = None if out.patch_logits is None else out.patch_logits.float().cpu()
             start = 0
             for i in members:
                 n = works[i].tokens_btd.shape[0]
-                results[i] = out[start:start + n]
+                results[i] = (logits[start:start + n], None if patch is None else patch[start:start + n])
                 start += n
         except Exception as exc:  # noqa: BLE001
             for i in members:
@@ -205,7 +212,7 @@ def _compute(works: list[_Work]) -> list[Any]:
     return results
 
 
-def _predict_response(head, logits, top_k: int) -> tpb.PredictResponse:
+def _predict_response(head, logits, patch_logits, top_k: int) -> tpb.PredictResponse:
     import torch
 
     from sae_shared.codec import tensor_to_proto
@@ -213,6 +220,8 @@ def _predict_response(head, logits, top_k: int) -> tpb.PredictResponse:
     labels = logits.argmax(dim=1)
     out = tpb.PredictResponse(kind=KINDS[head.kind], logits=tensor_to_proto(logits.contiguous(), field="logits"),
                               labels=tensor_to_proto(labels.to(torch.int64).contiguous(), field="labels"))
+    if patch_logits is not None:
+        out.patch_logits.CopyFrom(tensor_to_proto(patch_logits.contiguous(), field="patch_logits"))
     if head.kind == "classifier" and top_k > 0:
         probs = torch.softmax(logits, dim=1)
         values, classes = probs.topk(min(top_k, head.n_classes), dim=1)

@@ -5,9 +5,9 @@ library's two-class per-pixel segmenter (``sae_shared.heads.saliency_head``; log
 probability is exactly the saliency). Others load from ``heads/<head_id>/`` in the object store
 (``sae_shared.heads.load_head``).
 
-A head's ``predict(backbone, final_btd)`` needs the backbone only for the pooled representation (linear probes);
-heads that read tokens get a stand-in carrying the contract's token layout, so the task-head replica loads a
-backbone only for probes (the embedded default: the only one that needs no download here).
+A library head's ``predict(backbone, final_btd)`` needs the backbone only for the pooled representation (linear
+probes); heads that read tokens get a stand-in carrying the contract's token layout, so the task-head replica loads
+a backbone only for probes (the embedded default: the only one that needs no download here).
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ class ServedHead:
     """CLS + register tokens in front of the patch tokens of a full ('all') token axis."""
     grid: tuple[int, int]
     """Patch grid of the backbone."""
-    logits: Callable[[Any], Any]
-    """Final tokens [B, T_all, D] (every token, on ``device``) -> float32 logits."""
+    predict: Callable[[Any], Any]
+    """Final tokens [B, T_all, D] (every token, on ``device``) -> ``sae_shared.heads.HeadOutput`` (logits and, for
+    segmenters, per-patch logits)."""
     module: Any
     """The torch module holding the weights (for the cache's byte count)."""
     device: Any
@@ -51,7 +52,7 @@ def serve_head(head_id: str, head, backbone) -> ServedHead:
         head_id=head_id, kind="classifier" if head.task == "classify" else "segmenter",
         backbone_id=head.contract.backbone_id, d_model=lo.d_model, n_classes=head.n_classes,
         n_prefix_tokens=lo.n_prefix_tokens, grid=(lo.grid_rows, lo.grid_cols),
-        logits=lambda final_btd: head.predict(backbone, final_btd).logits, module=head,
+        predict=lambda final_btd: head.predict(backbone, final_btd), module=head,
         device=next(head.parameters()).device, class_names=list(head.classes))
 
 

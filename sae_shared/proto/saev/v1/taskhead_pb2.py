@@ -25,25 +25,25 @@ _sym_db = _symbol_database.Default()
 from sae_shared.proto.saev.v1 import common_pb2 as saev_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16saev/v1/taskhead.proto\x12\x07saev.v1\x1a\x14saev/v1/common.proto\"\x8a\x01\n\x08HeadInfo\x12\x0f\n\x07head_id\x18\x01 \x01(\t\x12\x1f\n\x04kind\x18\x02 \x01(\x0e\x32\x11.saev.v1.HeadKind\x12\x13\n\x0b\x62\x61\x63kbone_id\x18\x03 \x01(\t\x12\x0f\n\x07\x64_model\x18\x04 \x01(\x05\x12\x11\n\tn_classes\x18\x05 \x01(\x05\x12\x13\n\x0b\x63lass_names\x18\x06 \x03(\t\"w\n\x0ePredictRequest\x12\x0f\n\x07head_id\x18\x01 \x01(\t\x12\x1f\n\x06tokens\x18\x02 \x01(\x0b\x32\x0f.saev.v1.Tensor\x12$\n\x06layout\x18\x03 \x01(\x0b\x32\x14.saev.v1.TokenLayout\x12\r\n\x05top_k\x18\x04 \x01(\x05\"\x97\x01\n\x0fPredictResponse\x12\x1f\n\x04kind\x18\x01 \x01(\x0e\x32\x11.saev.v1.HeadKind\x12\x1f\n\x06logits\x18\x02 \x01(\x0b\x32\x0f.saev.v1.Tensor\x12\x1f\n\x06labels\x18\x03 \x01(\x0b\x32\x0f.saev.v1.Tensor\x12!\n\x03top\x18\x04 \x03(\x0b\x32\x14.saev.v1.ClassScores\"\'\n\x10ListHeadsRequest\x12\x13\n\x0b\x62\x61\x63kbone_id\x18\x01 \x01(\t\"5\n\x11ListHeadsResponse\x12 \n\x05heads\x18\x01 \x03(\x0b\x32\x11.saev.v1.HeadInfo*X\n\x08HeadKind\x12\x19\n\x15HEAD_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14HEAD_KIND_CLASSIFIER\x10\x01\x12\x17\n\x13HEAD_KIND_SEGMENTER\x10\x02\x32\x8c\x01\n\x08TaskHead\x12<\n\x07Predict\x12\x17.saev.v1.PredictRequest\x1a\x18.saev.v1.PredictResponse\x12\x42\n\tListHeads\x12\x19.saev.v1.ListHeadsRequest\x1a\x1a.saev.v1.ListHeadsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16saev/v1/taskhead.proto\x12\x07saev.v1\x1a\x14saev/v1/common.proto\"\x8a\x01\n\x08HeadInfo\x12\x0f\n\x07head_id\x18\x01 \x01(\t\x12\x1f\n\x04kind\x18\x02 \x01(\x0e\x32\x11.saev.v1.HeadKind\x12\x13\n\x0b\x62\x61\x63kbone_id\x18\x03 \x01(\t\x12\x0f\n\x07\x64_model\x18\x04 \x01(\x05\x12\x11\n\tn_classes\x18\x05 \x01(\x05\x12\x13\n\x0b\x63lass_names\x18\x06 \x03(\t\"\x8d\x01\n\x0ePredictRequest\x12\x0f\n\x07head_id\x18\x01 \x01(\t\x12\x1f\n\x06tokens\x18\x02 \x01(\x0b\x32\x0f.saev.v1.Tensor\x12$\n\x06layout\x18\x03 \x01(\x0b\x32\x14.saev.v1.TokenLayout\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x14\n\x0cpatch_logits\x18\x05 \x01(\x08\"\xbe\x01\n\x0fPredictResponse\x12\x1f\n\x04kind\x18\x01 \x01(\x0e\x32\x11.saev.v1.HeadKind\x12\x1f\n\x06logits\x18\x02 \x01(\x0b\x32\x0f.saev.v1.Tensor\x12\x1f\n\x06labels\x18\x03 \x01(\x0b\x32\x0f.saev.v1.Tensor\x12!\n\x03top\x18\x04 \x03(\x0b\x32\x14.saev.v1.ClassScores\x12%\n\x0cpatch_logits\x18\x05 \x01(\x0b\x32\x0f.saev.v1.Tensor\"\'\n\x10ListHeadsRequest\x12\x13\n\x0b\x62\x61\x63kbone_id\x18\x01 \x01(\t\"5\n\x11ListHeadsResponse\x12 \n\x05heads\x18\x01 \x03(\x0b\x32\x11.saev.v1.HeadInfo*X\n\x08HeadKind\x12\x19\n\x15HEAD_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14HEAD_KIND_CLASSIFIER\x10\x01\x12\x17\n\x13HEAD_KIND_SEGMENTER\x10\x02\x32\x8c\x01\n\x08TaskHead\x12<\n\x07Predict\x12\x17.saev.v1.PredictRequest\x1a\x18.saev.v1.PredictResponse\x12\x42\n\tListHeads\x12\x19.saev.v1.ListHeadsRequest\x1a\x1a.saev.v1.ListHeadsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sae_shared.proto.saev.v1.taskhead_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_HEADKIND']._serialized_start=569
-  _globals['_HEADKIND']._serialized_end=657
+  _globals['_HEADKIND']._serialized_start=631
+  _globals['_HEADKIND']._serialized_end=719
   _globals['_HEADINFO']._serialized_start=58
   _globals['_HEADINFO']._serialized_end=196
-  _globals['_PREDICTREQUEST']._serialized_start=198
-  _globals['_PREDICTREQUEST']._serialized_end=317
-  _globals['_PREDICTRESPONSE']._serialized_start=320
-  _globals['_PREDICTRESPONSE']._serialized_end=471
-  _globals['_LISTHEADSREQUEST']._serialized_start=473
-  _globals['_LISTHEADSREQUEST']._serialized_end=512
-  _globals['_LISTHEADSRESPONSE']._serialized_start=514
-  _globals['_LISTHEADSRESPONSE']._serialized_end=567
-  _globals['_TASKHEAD']._serialized_start=660
-  _globals['_TASKHEAD']._serialized_end=800
+  _globals['_PREDICTREQUEST']._serialized_start=199
+  _globals['_PREDICTREQUEST']._serialized_end=340
+  _globals['_PREDICTRESPONSE']._serialized_start=343
+  _globals['_PREDICTRESPONSE']._serialized_end=533
+  _globals['_LISTHEADSREQUEST']._serialized_start=535
+  _globals['_LISTHEADSREQUEST']._serialized_end=574
+  _globals['_LISTHEADSRESPONSE']._serialized_start=576
+  _globals['_LISTHEADSRESPONSE']._serialized_end=629
+  _globals['_TASKHEAD']._serialized_start=722
+  _globals['_TASKHEAD']._serialized_end=862
 # @@protoc_insertion_point(module_scope)

@@ -34,28 +34,32 @@ class HeadInfo(_message.Message):
     def __init__(self, head_id: _Optional[str] = ..., kind: _Optional[_Union[HeadKind, str]] = ..., backbone_id: _Optional[str] = ..., d_model: _Optional[int] = ..., n_classes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("head_id", "tokens", "layout", "top_k")
+    __slots__ = ("head_id", "tokens", "layout", "top_k", "patch_logits")
     HEAD_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    PATCH_LOGITS_FIELD_NUMBER: _ClassVar[int]
     head_id: str
     tokens: _common_pb2.Tensor
     layout: _common_pb2.TokenLayout
     top_k: int
-    def __init__(self, head_id: _Optional[str] = ..., tokens: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., layout: _Optional[_Union[_common_pb2.TokenLayout, _Mapping]] = ..., top_k: _Optional[int] = ...) -> None: ...
+    patch_logits: bool
+    def __init__(self, head_id: _Optional[str] = ..., tokens: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., layout: _Optional[_Union[_common_pb2.TokenLayout, _Mapping]] = ..., top_k: _Optional[int] = ..., patch_logits: _Optional[bool] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
-    __slots__ = ("kind", "logits", "labels", "top")
+    __slots__ = ("kind", "logits", "labels", "top", "patch_logits")
     KIND_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     TOP_FIELD_NUMBER: _ClassVar[int]
+    PATCH_LOGITS_FIELD_NUMBER: _ClassVar[int]
     kind: HeadKind
     logits: _common_pb2.Tensor
     labels: _common_pb2.Tensor
     top: _containers.RepeatedCompositeFieldContainer[_common_pb2.ClassScores]
-    def __init__(self, kind: _Optional[_Union[HeadKind, str]] = ..., logits: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., labels: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., top: _Optional[_Iterable[_Union[_common_pb2.ClassScores, _Mapping]]] = ...) -> None: ...
+    patch_logits: _common_pb2.Tensor
+    def __init__(self, kind: _Optional[_Union[HeadKind, str]] = ..., logits: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., labels: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., top: _Optional[_Iterable[_Union[_common_pb2.ClassScores, _Mapping]]] = ..., patch_logits: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class ListHeadsRequest(_message.Message):
     __slots__ = ("backbone_id",)
