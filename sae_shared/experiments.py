@@ -27,6 +27,12 @@ The class's patches come from the dataset's masks (majority vote per patch; ``la
 own unedited prediction (``labels="prediction"``: e.g. the saliency head on unlabelled photos); image classes from
 the dataset's labels or the unedited prediction.
 
+**In process or through the services.** The backbone, SAE and head are used through a small interface
+(``preprocess_batch``, ``forward_to``, ``forward_from``, ``layout``, ``id``; ``encode``, ``decode``, ``d_sae``,
+``contract``, ``stats``; ``predict``, ``classes``, ``task``, ``kind``), which the library's models implement and so do
+the stand-ins of :mod:`sae_shared.remote`, computing through the activations, SAE and task-head services. Both give
+the same numbers, up to float rounding (tests/services/test_experiment_via_services.py).
+
 **Resumable.** :class:`Experiment` is a loop over image batches whose whole progress lives in an
 :class:`ExperimentState` (JSON + tensors, :meth:`ExperimentState.to_checkpoint`). A job checkpoints the state after
 each :meth:`Experiment.step` together with that step's records; a resumed run continues from the checkpoint and its
@@ -405,7 +411,10 @@ class Experiment:
         bad = [c for c in (config.classes or ()) if not 0 <= c < head.n_classes]
         if bad:
             raise ValueError(f"classes {bad} are not among the head's {head.n_classes} classes")
-        self._use_dataset_labels()  # refuses labels='dataset' without masks now, not mid-run
+        if self.task == "segment" and self._use_dataset_labels() and getattr(backbone, "transform", None) is None:
+            raise ValueError("patch labels from the dataset's masks need the backbone's image transform, which this "
+                             f"backbone ({backbone!r}) does not have (a served backbone); run in process, or use "
+                             "labels='prediction'")
         self.fingerprint = self._fingerprint()
 
     # -- setup ----------------------------------------------------------------------------------------------------

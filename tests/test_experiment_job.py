@@ -11,6 +11,7 @@ publish the report and the records of the same experiment run undisturbed in thi
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import signal
 
@@ -230,3 +231,29 @@ def test_sigkilled_experiment_resumes_to_the_same_aggregate(store, workers, queu
     assert done.attempts == 2 and done.lost_leases == 1 and other.messages("job started (taken over)", job_id=job.id)
     assert done.result["resumed_from"] > 15  # past the 15 selection steps (60 images, 4 per step)
     check_output(store, f"experiments/{job.id}", job.id)
+
+
+def test_via_services_spec_and_error_mapping():
+    """Spec checks of ``via``; a service's answer to bad input fails the job at once, overload is retried."""
+    from sae_shared.client import ClientError
+    from sae_shared.jobs import InvalidSpec, validate_spec
+    from services.worker.context import PermanentError
+    from services.worker.experiment_handler import open_experiment, service_errors
+
+    spec = validate_spec("experiment", {**SPEC, "via": "services", "services_url": "grpc://127.0.0.1:9000"})
+    assert spec.via == "services" and validate_spec("experiment", SPEC).via == "local"
+    for extra, message in [({"services_url": "grpc://127.0.0.1:9000"}, "services_url applies to via='services'"),
+                           ({"via": "services", "checkpoint": "w.onnx"}, "checkpoint apply to via='local' only"),
+                           ({"via": "services", "device": "cuda"}, "device apply to via='local' only"),
+                           ({"via": "remote"}, "via: Input should be 'local' or 'services'"),
+                           ({"via": "services", "services_url": "ftp://x:1"}, "services_url must be grpc://")]:
+        with pytest.raises(InvalidSpec, match=re.escape(message)):
+            validate_spec("experiment", {**SPEC, **extra})
+    with pytest.raises(ValueError, match="needs a client of the services"):
+        open_experiment(spec, store=None)
+    with pytest.raises(PermanentError, match="NOT_FOUND"):
+        with service_errors("SAE saes/x"):
+            raise ClientError("NOT_FOUND", "no SAE 'x'")
+    with pytest.raises(ClientError, match="UNAVAILABLE"):
+        with service_errors("experiment step"):
+            raise ClientError("UNAVAILABLE", "replica restarting")

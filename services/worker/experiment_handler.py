@@ -5,6 +5,13 @@
   (:func:`sae_shared.datasets.open_dataset`) and the backbone (the spec's, else the SAE's contract backbone at the
   head's image size). :func:`open_experiment` builds the same :class:`~sae_shared.experiments.Experiment` in any
   process (tests and ``bench/experiment.py`` use it for the in-process reference).
+- **Where the models run** (``spec.via``): 'local' loads them into the worker; 'services' gives the experiment the
+  stand-ins of :mod:`sae_shared.remote` over a client of ``spec.services_url`` (gRPC or HTTP, with retries), so
+  every forward, encode, decode and prediction is a call to the activations, SAE and task-head services; the SAE's
+  and head's configurations (contract, classes, statistics) are read from the store. The loop is the same, and so
+  are the numbers, up to float rounding. Errors the services give for bad input (NOT_FOUND, INVALID_ARGUMENT,
+  FAILED_PRECONDITION, ...) fail the job at once; UNAVAILABLE and overload, past the client's retries, are retried
+  by the queue.
 - **Loop**: ``check_cancelled``, ``exp.step(state)`` (one batch of images: the forward to layer L once, then every
   plan entry and its baselines), its per-image records kept in memory, and at most every ``checkpoint_seconds``
   (also at the end of the selection phase, at the end, and when the worker stops) a *flush*: the records so far go
@@ -29,6 +36,8 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from services.worker.context import JobContext, PermanentError
@@ -41,6 +50,9 @@ if TYPE_CHECKING:
 STATE = "experiment.state"
 RECORDS = "records"
 """Checkpoint folder of the record parts."""
+PERMANENT_CODES = frozenset({"INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "PERMISSION_DENIED",
+                             "UNAUTHENTICATED", "UNIMPLEMENTED", "OUT_OF_RANGE"})
+"""Service errors that a retry cannot fix (bad input, missing models, no access)."""
 
 
 def output_prefix(spec: ExperimentSpec, job_id: str) -> str:
@@ -100,14 +112,73 @@ def experiment_config(spec: ExperimentSpec, classes: list[str]) -> ExperimentCon
     )
 
 
-def open_experiment(spec: ExperimentSpec, store: Any, device: str = "cpu") -> Experiment:
+@contextmanager
+def service_errors(what: str) -> Iterator[None]:
+    """Like :func:`permanent_errors`, and a service's answer to bad input (:data:`PERMANENT_CODES`) is permanent
+    too; other service errors (UNAVAILABLE, overload) propagate, so the queue retries the job."""
+    from sae_shared.client import ClientError
+
+    with permanent_errors(what):
+        try:
+            yield
+        except ClientError as exc:
+            if exc.code in PERMANENT_CODES:
+                raise PermanentError(f"{what}: {exc}") from exc
+            raise
+
+
+@contextmanager
+def services_client(spec: ExperimentSpec) -> Iterator[Any]:
+    """A client of the services for ``via='services'`` (closed on exit), else None."""
+    if spec.via != "services":
+        yield None
+        return
+    from sae_shared.client import ClientError, connect
+
+    try:
+        client = connect(spec.services_url)
+    except ClientError as exc:  # no URL and no local stack
+        raise PermanentError(f"services: {exc}") from exc
+    with client:
+        yield client
+
+
+def open_experiment(spec: ExperimentSpec, store: Any, device: str = "cpu", client: Any = None,
+                    limits: Any = None) -> Experiment:
     """Load the SAE, the head, the backbone and the dataset a spec names and build its experiment.
 
-    Raises :class:`PermanentError` for bad input (missing or invalid artifacts, contract mismatches, plans the SAE
-    or head cannot take).
+    With ``spec.via == 'services'`` the models are the services' (:mod:`sae_shared.remote`, over ``client``, a
+    :class:`sae_shared.client.Client`, see :func:`services_client`; calls are split to fit ``limits``, by default
+    this process's settings'). Raises :class:`PermanentError` for bad input
+    (missing or invalid artifacts, contract mismatches, plans the SAE or head cannot take).
     """
     from sae_shared.datasets import open_dataset
     from sae_shared.experiments import Experiment
+
+    if spec.via == "services":
+        if client is None:
+            raise ValueError("an experiment with via='services' needs a client of the services")
+        backbone, sae, head = _served_models(spec, store, client, limits)
+        guard = service_errors
+    else:
+        backbone, sae, head = _local_models(spec, store, device)
+        guard = permanent_errors
+    with permanent_errors(f"dataset {spec.dataset}"):
+        dataset = open_dataset(spec.dataset, store)
+    with guard("experiment"):
+        config = experiment_config(spec, head.classes)
+        return Experiment(config, backbone, sae, head, dataset)
+
+
+def _backbone_name(spec: ExperimentSpec, sae: Any) -> str:
+    if spec.backbone is not None:
+        return spec.backbone
+    if sae.contract is None:
+        raise PermanentError(f"SAE {spec.sae_id} records no contract: name the backbone in the spec")
+    return sae.contract.backbone_id
+
+
+def _local_models(spec: ExperimentSpec, store: Any, device: str) -> tuple[Any, Any, Any]:
     from sae_shared.heads import load_head
     from sae_shared.sae import load_sae
 
@@ -115,23 +186,27 @@ def open_experiment(spec: ExperimentSpec, store: Any, device: str = "cpu") -> Ex
         sae = load_sae(f"saes/{spec.sae_id}", store=store, device=device)
     with permanent_errors(f"head heads/{spec.head_id}"):
         head = load_head(f"heads/{spec.head_id}", store=store, device=device)
-    text = spec.backbone
-    if text is None:
-        if sae.contract is None:
-            raise PermanentError(f"SAE {spec.sae_id} records no contract: name the backbone in the spec")
-        text = sae.contract.backbone_id
+    text = _backbone_name(spec, sae)
     with permanent_errors(f"backbone {text}"):
         backbone = load_backbone_for(text, spec.backbone_options, spec.checkpoint, device, head.contract.layout)
-    with permanent_errors(f"dataset {spec.dataset}"):
-        dataset = open_dataset(spec.dataset, store)
-    with permanent_errors("experiment"):
-        config = experiment_config(spec, head.classes)
-        return Experiment(config, backbone, sae, head, dataset)
+    return backbone, sae, head
+
+
+def _served_models(spec: ExperimentSpec, store: Any, client: Any, limits: Any) -> tuple[Any, Any, Any]:
+    from sae_shared.remote import RemoteModels
+
+    models = RemoteModels(client, store, limits)
+    with service_errors(f"SAE saes/{spec.sae_id}"):
+        sae = models.sae(spec.sae_id)
+    with service_errors(f"head heads/{spec.head_id}"):
+        head = models.head(spec.head_id)
+    text = _backbone_name(spec, sae)
+    with service_errors(f"backbone {text}"):
+        backbone = models.backbone(text)
+    return backbone, sae, head
 
 
 def run_experiment(ctx: JobContext) -> dict[str, Any]:
-    from sae_shared.experiments import ExperimentState, records_jsonl
-
     spec: ExperimentSpec = ctx.spec
     with permanent_errors("output"):
         output = output_prefix(spec, ctx.job_id)
@@ -139,7 +214,15 @@ def run_experiment(ctx: JobContext) -> dict[str, Any]:
         raise PermanentError(f"an artifact is already committed at {output}/: choose another output, or set "
                              "overwrite=true")
     ctx.progress(0.0, "loading the SAE, the head, the backbone and the dataset")
-    exp = open_experiment(spec, ctx.store, resolve_device(spec.device))
+    with services_client(spec) as client:
+        exp = open_experiment(spec, ctx.store, resolve_device(spec.device), client)
+        return _run(ctx, spec, exp, output)
+
+
+def _run(ctx: JobContext, spec: ExperimentSpec, exp: Experiment, output: str) -> dict[str, Any]:
+    from sae_shared.experiments import ExperimentState, records_jsonl
+
+    guard = service_errors if spec.via == "services" else permanent_errors
 
     state, resumed_from = None, None
     blob = ctx.checkpoint_get(STATE)
@@ -175,7 +258,7 @@ def run_experiment(ctx: JobContext) -> dict[str, Any]:
             flush()
         ctx.check_cancelled()
         phase, position = state.phase, state.position
-        with permanent_errors("experiment step"):
+        with guard("experiment step"):
             pending += exp.step(state)
         images_done += (state.position if state.phase == phase else
                         (len(exp.images) if phase == "run" else len(exp.selection))) - position
