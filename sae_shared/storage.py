@@ -181,7 +181,24 @@ def encode_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | 
     from safetensors.torch import save
 
     prepared = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    return save(prepared, metadata=metadata)
+    return canonical_safetensors(save(prepared, metadata=metadata))
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its header in one canonical order (metadata keys sorted).
+
+    ``safetensors`` writes the ``__metadata__`` map from a hash map whose order changes from one process to the
+    next, so with two or more metadata keys the same tensors gave different bytes (and sha256) in different
+    processes. The tensors' data and offsets are unchanged; the header is padded to 8 bytes as safetensors pads it.
+    """
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    ordered = {"__metadata__": dict(sorted(meta.items()))} if meta else {}
+    ordered.update(sorted(header.items(), key=lambda item: item[1]["data_offsets"]))
+    text = json.dumps(ordered, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
 
 
 def decode_tensors(data: bytes, key: str) -> dict[str, torch.Tensor]:
