@@ -186,9 +186,15 @@ def shot(request):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
 
     def take(page, name: str) -> Path:
-        # the images in view first (lazy ones further down load only when scrolled to)
-        page.wait_for_function("[...document.images].filter(i => i.getBoundingClientRect().top < innerHeight)"
-                               ".every(i => i.complete)", timeout=60_000)
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+        # the images in view first (lazy ones further down load only when scrolled to); a slow one only makes a
+        # poorer picture: the tests assert what they need themselves
+        try:
+            page.wait_for_function("[...document.images].filter(i => i.getBoundingClientRect().top < innerHeight)"
+                                   ".every(i => i.complete)", timeout=60_000)
+        except PlaywrightTimeout:
+            pass
         path = ARTIFACTS / f"{name}.png"
         page.screenshot(path=str(path), full_page=True)
         return path

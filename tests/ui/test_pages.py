@@ -16,6 +16,7 @@ from .conftest import HTML_CLASS, png
 
 WAIT_MS = 120_000
 """Generous: the machine running the suite is shared and slow; the first request of a kind loads models."""
+expect.set_options(timeout=WAIT_MS)
 
 
 class UI:
@@ -91,8 +92,13 @@ def test_every_page_loads_without_console_errors(ui, ui_stack, shot):
     assert f"Latent #{latent}" in page.locator("h1").inner_text()
     shot(page, "latent")
 
-    ui.open("explore")
-    ui.pick_dataset_image(0)
+    # an exemplar opens in the explorer
+    first = page.locator("#exemplar-grid figure").first
+    image_id = first.locator("figcaption").inner_text().split(" · ")[0]
+    first.get_by_role("button", name="Explore this image").click()
+    expect(page.locator("#explorer-latents")).to_be_visible()
+    expect(page.locator("#image-name")).to_contain_text(f"Image: {image_id} (dataset image")
+    expect(page.locator("#dataset-images button.on")).to_have_count(1)
     ui.latents()
     shot(page, "explorer")
     ui.open("compare")

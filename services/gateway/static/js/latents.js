@@ -3,7 +3,7 @@
 
 import { api, enc, imageUrl } from "./api.js";
 import { clear, el, errorBox, fmt, pct } from "./dom.js";
-import { saeInfo, state } from "./state.js";
+import { saeInfo, setDatasetImage, state } from "./state.js";
 
 const SERVER_ORDERS = { latent: "INDEX", frequency: "FREQUENCY", max_activation: "MAX_ACTIVATION" };
 const COLUMNS = [
@@ -186,9 +186,18 @@ export async function renderLatent(root, saeId, latent) {
     const exemplars = ex.exemplars || [];
     if (!exemplars.length) grid.append(el("p", { class: "muted" }, "This latent fired on no analysed image."));
     exemplars.forEach((e, rank) => {
+      const open = el("button", { type: "button", class: "secondary small", onclick: async () => {
+        open.disabled = true;
+        try {
+          await setDatasetImage(saeId, e);
+          location.hash = "#/explore";
+        } catch (err) {
+          open.replaceWith(errorBox(err));
+        }
+      } }, "Explore this image");
       grid.append(el("figure", { class: "exemplar" },
         el("img", { src: tileUrl(saeId, latent, e.rank ?? rank), alt: `exemplar ${rank + 1}`, loading: "lazy" }),
-        el("figcaption", {}, `${e.image_id || ""} · max ${fmt(e.max_activation)}`, e.label !== undefined && e.label !== null ? ` · label ${e.label}` : "")));
+        el("figcaption", {}, `${e.image_id || ""} · max ${fmt(e.max_activation)}`, e.label !== undefined && e.label !== null ? ` · label ${e.label}` : ""), open));
     });
   } catch (err) {
     grid.append(errorBox(err));

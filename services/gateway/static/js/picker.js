@@ -10,7 +10,9 @@ const MAX_UPLOAD = 16 << 20;
 // An image chooser; onPick() runs after state.image changes.
 export function imageChooser(saeId, onPick) {
   const strip = el("div", { class: "strip", id: "dataset-images", role: "list" });
-  const note = el("p", { class: "muted upload-name", id: "image-name" }, state.image ? `Image: ${state.image.name}` : "No image chosen.");
+  const described = (image) => `Image: ${image.name} ` +
+    (image.index === null ? "(uploaded)" : `(dataset image ${image.index})`);
+  const note = el("p", { class: "muted upload-name", id: "image-name" }, state.image ? described(state.image) : "No image chosen.");
   const file = el("input", { type: "file", accept: "image/png,image/jpeg,image/webp,image/gif,image/bmp", id: "upload" });
   const box = el("div", { class: "panel col" },
     el("h3", {}, "Image"),
@@ -26,7 +28,7 @@ export function imageChooser(saeId, onPick) {
       return;
     }
     setImage(new Uint8Array(await f.arrayBuffer()), f.name);
-    clear(note, `Image: ${f.name} (uploaded)`);
+    clear(note, described(state.image));
     strip.querySelectorAll("button").forEach((b) => b.classList.remove("on"));
     onPick();
   });
@@ -42,7 +44,7 @@ export function imageChooser(saeId, onPick) {
           button.classList.add("on");
           try {
             await setDatasetImage(saeId, entry);
-            clear(note, `Image: ${entry.image_id} (dataset image ${entry.image_index})`);
+            clear(note, described(state.image));
             onPick();
           } catch (err) {
             clear(note, errorBox(err));
