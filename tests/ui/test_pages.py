@@ -85,7 +85,8 @@ def test_every_page_loads_without_console_errors(ui, ui_stack, shot):
     tiles = page.locator("#exemplar-grid img")
     expect(tiles.first).to_be_visible()
     assert tiles.count() >= 2
-    assert all(tiles.nth(i).evaluate("img => img.decode().then(() => img.naturalWidth)") > 0 for i in range(tiles.count()))
+    widths = [tiles.nth(i).evaluate("img => img.decode().then(() => img.naturalWidth)") for i in range(tiles.count())]
+    assert min(widths) > 0
     # the exemplars' image ids hold the HTML class name: shown as text
     expect(page.locator("#exemplar-grid")).to_contain_text(HTML_CLASS)
     assert page.locator("#exemplar-grid img[src='x']").count() == 0
@@ -122,9 +123,9 @@ def test_clicking_and_dragging_patches_changes_the_listed_latents(ui):
     def listed_after(action) -> list[str]:
         before = ui.latents()
         action()
-        page.wait_for_function("prev => { const ids = [...document.querySelectorAll('#explorer-latents li[data-latent]')]"
-                               ".map(e => e.dataset.latent).join(','); return ids && ids !== prev; }",
-                               arg=",".join(before))
+        page.wait_for_function("prev => { const ids = [...document.querySelectorAll("
+                               "'#explorer-latents li[data-latent]')].map(e => e.dataset.latent).join(',');"
+                               " return ids && ids !== prev; }", arg=",".join(before))
         return ui.latents()
 
     one = listed_after(lambda: page.mouse.click(box["x"] + 0.5 * cell, box["y"] + 0.5 * cell))
@@ -174,7 +175,8 @@ def test_moving_a_slider_changes_the_prediction_shown(ui, ui_stack, shot):
     for i in range(3):
         sliders.nth(i).fill("4")  # amplify every latent to 4x its maximum
     page.wait_for_function("prev => { const r = document.getElementById('intervention-results');"
-                           " const now = [...document.querySelectorAll('#class-probs .after-prob')].map(e => e.textContent);"
+                           " const now = [...document.querySelectorAll('#class-probs .after-prob')]"
+                           ".map(e => e.textContent);"
                            " return r.getAttribute('aria-busy') === 'false' && now.join() !== prev; }",
                            arg=",".join(before))
     after = _after_probs(page)

@@ -152,7 +152,10 @@ export function decodeTensor(tensor) {
   if (tensor.dtype === "DTYPE_FLOAT16" || tensor.dtype === "DTYPE_BFLOAT16") {
     for (let i = 0; i < n; i++) {
       const word = view.getUint16(2 * i, true);
-      out[i] = tensor.dtype === "DTYPE_FLOAT16" ? halfToFloat(word) : new Float32Array(new Uint32Array([word << 16]).buffer)[0];
+      out[i] =
+        tensor.dtype === "DTYPE_FLOAT16"
+          ? halfToFloat(word)
+          : new Float32Array(new Uint32Array([word << 16]).buffer)[0];
     }
     return { shape, data: out };
   }

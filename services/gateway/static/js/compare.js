@@ -13,12 +13,22 @@ export async function renderCompare(root, query) {
   }
   const ids = state.saes.map((s) => s.sae_id);
   let a = ids.includes(query.get("a")) ? query.get("a") : state.saeId;
-  let b = ids.includes(query.get("b")) ? query.get("b") : (ids.find((id) => id !== a) || a);
+  let b = ids.includes(query.get("b")) ? query.get("b") : ids.find((id) => id !== a) || a;
   const picker = (value, name) => {
-    const select = el("select", { name, "aria-label": `SAE ${name.toUpperCase()}` }, state.saes.map((s) =>
-      el("option", { value: s.sae_id, selected: s.sae_id === value }, `${s.sae_id} (${s.backbone_id}, layer ${s.layer})`)));
+    const select = el(
+      "select",
+      { name, "aria-label": `SAE ${name.toUpperCase()}` },
+      state.saes.map((s) =>
+        el(
+          "option",
+          { value: s.sae_id, selected: s.sae_id === value },
+          `${s.sae_id} (${s.backbone_id}, layer ${s.layer})`,
+        ),
+      ),
+    );
     select.addEventListener("change", () => {
-      if (name === "a") a = select.value; else b = select.value;
+      if (name === "a") a = select.value;
+      else b = select.value;
       history.replaceState(null, "", `#/compare?a=${encodeURIComponent(a)}&b=${encodeURIComponent(b)}`);
       refresh();
     });
@@ -26,26 +36,46 @@ export async function renderCompare(root, query) {
   };
   const columns = { a: el("div", { class: "col", id: "compare-a" }), b: el("div", { class: "col", id: "compare-b" }) };
   const left = el("div", { class: "col" });
-  root.append(el("div", { class: "row" }, left, el("div", { class: "pair", style: "flex:1;min-width:480px" },
-    el("div", { class: "col" }, el("label", {}, "SAE A ", picker(a, "a")), columns.a),
-    el("div", { class: "col" }, el("label", {}, "SAE B ", picker(b, "b")), columns.b))));
+  root.append(
+    el(
+      "div",
+      { class: "row" },
+      left,
+      el(
+        "div",
+        { class: "pair", style: "flex:1;min-width:480px" },
+        el("div", { class: "col" }, el("label", {}, "SAE A ", picker(a, "a")), columns.a),
+        el("div", { class: "col" }, el("label", {}, "SAE B ", picker(b, "b")), columns.b),
+      ),
+    ),
+  );
 
   // The selection is drawn on SAE A's grid and mapped onto B's when B's backbone has another grid.
   const grid = gridOf(a);
   let canvas = patchCanvas(a, grid, () => refresh(), { label: "image patches" });
-  left.append(imageChooser(a, () => {
-    const fresh = patchCanvas(a, grid, () => refresh(), { label: "image patches" });
-    canvas.node.replaceWith(fresh.node);
-    canvas = fresh;
-    refresh();
-  }), canvas.node, el("p", { class: "legend" }, "Click a latent of SAE A to see where it fires."));
+  left.append(
+    imageChooser(a, () => {
+      const fresh = patchCanvas(a, grid, () => refresh(), { label: "image patches" });
+      canvas.node.replaceWith(fresh.node);
+      canvas = fresh;
+      refresh();
+    }),
+    canvas.node,
+    el("p", { class: "legend" }, "Click a latent of SAE A to see where it fires."),
+  );
 
   let seq = 0;
   async function refresh() {
     const mine = ++seq;
-    for (const [side, saeId] of [["a", a], ["b", b]]) {
+    for (const [side, saeId] of [
+      ["a", a],
+      ["b", b],
+    ]) {
       const info = saeInfo(saeId);
-      clear(columns[side], el("p", { class: "muted" }, info ? `${info.backbone_id}, layer ${info.layer}, ${info.d_sae} latents` : ""));
+      clear(
+        columns[side],
+        el("p", { class: "muted" }, info ? `${info.backbone_id}, layer ${info.layer}, ${info.d_sae} latents` : ""),
+      );
       if (!state.image) {
         columns[side].append(el("p", { class: "muted" }, "Choose or upload an image."));
         continue;
@@ -53,22 +83,37 @@ export async function renderCompare(root, query) {
       columns[side].append(el("p", { class: "loading" }, "Encoding…"));
     }
     if (!state.image) return;
-    await Promise.all([["a", a], ["b", b]].map(async ([side, saeId]) => {
-      try {
-        const answer = await imageLatents(saeId);
-        if (mine !== seq) return;
-        columns[side].querySelector(".loading")?.remove();
-        columns[side].append(latentList(saeId, answer.latents || [], side === "a" ? { onChoose: (latent, item) => {
-          const values = heatmapOf(item);
-          canvas.setOverlay(values, Math.max(...(values || [1])));
-        } } : {}));
-      } catch (err) {
-        if (mine === seq) {
+    await Promise.all(
+      [
+        ["a", a],
+        ["b", b],
+      ].map(async ([side, saeId]) => {
+        try {
+          const answer = await imageLatents(saeId);
+          if (mine !== seq) return;
           columns[side].querySelector(".loading")?.remove();
-          columns[side].append(errorBox(err));
+          columns[side].append(
+            latentList(
+              saeId,
+              answer.latents || [],
+              side === "a"
+                ? {
+                    onChoose: (latent, item) => {
+                      const values = heatmapOf(item);
+                      canvas.setOverlay(values, Math.max(...(values || [1])));
+                    },
+                  }
+                : {},
+            ),
+          );
+        } catch (err) {
+          if (mine === seq) {
+            columns[side].querySelector(".loading")?.remove();
+            columns[side].append(errorBox(err));
+          }
         }
-      }
-    }));
+      }),
+    );
   }
   await refresh();
 }

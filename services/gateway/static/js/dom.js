@@ -57,15 +57,31 @@ export function debounce(fn, ms) {
 // value in [0, 1] -> [r, g, b] (dark blue -> yellow, readable over photos at partial opacity)
 export function heat(t) {
   const x = Math.max(0, Math.min(1, t));
-  const stops = [[13, 8, 135], [126, 3, 168], [204, 71, 120], [248, 149, 64], [240, 249, 33]];
+  const stops = [
+    [13, 8, 135],
+    [126, 3, 168],
+    [204, 71, 120],
+    [248, 149, 64],
+    [240, 249, 33],
+  ];
   const f = x * (stops.length - 1);
   const i = Math.min(stops.length - 2, Math.floor(f));
   const u = f - i;
   return stops[i].map((c, k) => Math.round(c + u * (stops[i + 1][k] - c)));
 }
 
-const PALETTE = [[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189], [140, 86, 75],
-  [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207]];
+const PALETTE = [
+  [31, 119, 180],
+  [255, 127, 14],
+  [44, 160, 44],
+  [214, 39, 40],
+  [148, 103, 189],
+  [140, 86, 75],
+  [227, 119, 194],
+  [127, 127, 127],
+  [188, 189, 34],
+  [23, 190, 207],
+];
 export function classColour(c) {
   return PALETTE[c % PALETTE.length];
 }

@@ -11,9 +11,16 @@ export const TOP_K = 12;
 // GetImageLatents for the current image and selection on one SAE.
 export async function imageLatents(saeId, k = TOP_K) {
   const [rows, cols] = gridOf(saeId);
-  return api("/v1/features/image-latents", { method: "POST", body: {
-    sae_id: saeId, image: { encoded: toBase64(state.image.bytes), id: state.image.name }, k,
-    patches: patchSelection(rows, cols), include_heatmaps: true } });
+  return api("/v1/features/image-latents", {
+    method: "POST",
+    body: {
+      sae_id: saeId,
+      image: { encoded: toBase64(state.image.bytes), id: state.image.name },
+      k,
+      patches: patchSelection(rows, cols),
+      include_heatmaps: true,
+    },
+  });
 }
 
 // A list of latents (ImageLatent messages) with exemplar thumbnails; onChoose(latent, heatmap) on click.
@@ -23,22 +30,44 @@ export function latentList(saeId, latents, { onChoose, extra } = {}) {
   for (const item of latents) {
     const latent = Number(item.latent);
     const stats = item.stats || {};
-    const li = el("li", { dataset: { latent: String(latent) }, tabindex: 0 },
+    const li = el(
+      "li",
+      { dataset: { latent: String(latent) }, tabindex: 0 },
       el("a", { class: "name", href: `#/latent/${enc(saeId)}/${latent}` }, `#${latent}`),
       el("span", { class: "value", title: "value on the selected patches (max)" }, fmt(item.value)),
-      el("span", { class: "muted freq", title: "frequency" }, stats.frequency !== undefined ? `f ${fmt(stats.frequency, 4)}` : ""),
-      info && info.analyzed ? el("span", { class: "thumbs" }, [0, 1, 2].map((rank) =>
-        el("img", { src: tileUrl(saeId, latent, rank), alt: `exemplar ${rank + 1} of latent ${latent}`, loading: "lazy",
-          onerror: (event) => event.target.remove() }))) : null,
-      extra ? extra(latent, item) : null);
+      el(
+        "span",
+        { class: "muted freq", title: "frequency" },
+        stats.frequency !== undefined ? `f ${fmt(stats.frequency, 4)}` : "",
+      ),
+      info && info.analyzed
+        ? el(
+            "span",
+            { class: "thumbs" },
+            [0, 1, 2].map((rank) =>
+              el("img", {
+                src: tileUrl(saeId, latent, rank),
+                alt: `exemplar ${rank + 1} of latent ${latent}`,
+                loading: "lazy",
+                onerror: (event) => event.target.remove(),
+              }),
+            ),
+          )
+        : null,
+      extra ? extra(latent, item) : null,
+    );
     if (onChoose) {
       const choose = () => {
         list.querySelectorAll("li").forEach((x) => x.classList.remove("on"));
         li.classList.add("on");
         onChoose(latent, item);
       };
-      li.addEventListener("click", (event) => { if (!event.target.closest("a,button,input")) choose(); });
-      li.addEventListener("keydown", (event) => { if (event.key === "Enter") choose(); });
+      li.addEventListener("click", (event) => {
+        if (!event.target.closest("a,button,input")) choose();
+      });
+      li.addEventListener("keydown", (event) => {
+        if (event.key === "Enter") choose();
+      });
     }
     list.append(li);
   }
@@ -62,8 +91,19 @@ export async function renderExplorer(root) {
   const results = el("div", { class: "col", id: "explorer-latents" });
   let canvas = null;
   const left = el("div", { class: "col" });
-  root.append(el("div", { class: "row" }, left, el("div", { class: "col", style: "flex:1;min-width:320px" },
-    el("h2", {}, "Strongest latents of the selection"), results)));
+  root.append(
+    el(
+      "div",
+      { class: "row" },
+      left,
+      el(
+        "div",
+        { class: "col", style: "flex:1;min-width:320px" },
+        el("h2", {}, "Strongest latents of the selection"),
+        results,
+      ),
+    ),
+  );
 
   let seq = 0;
   async function refresh() {
@@ -77,21 +117,30 @@ export async function renderExplorer(root) {
       const answer = await imageLatents(saeId);
       if (mine !== seq) return;
       const latents = answer.latents || [];
-      clear(results, latentList(saeId, latents, { onChoose: (latent, item) => {
-        const values = heatmapOf(item);
-        canvas.setOverlay(values, Math.max(...(values || [1])));
-      } }), el("p", { class: "legend" }, "Click a latent to see where it fires; links open its feature page."));
+      clear(
+        results,
+        latentList(saeId, latents, {
+          onChoose: (latent, item) => {
+            const values = heatmapOf(item);
+            canvas.setOverlay(values, Math.max(...(values || [1])));
+          },
+        }),
+        el("p", { class: "legend" }, "Click a latent to see where it fires; links open its feature page."),
+      );
       canvas.setOverlay(null);
     } catch (err) {
       if (mine === seq) clear(results, errorBox(err));
     }
   }
   canvas = patchCanvas(saeId, grid, refresh, { label: "image patches" });
-  left.append(imageChooser(saeId, () => {
-    const fresh = patchCanvas(saeId, grid, refresh, { label: "image patches" });
-    canvas.node.replaceWith(fresh.node);
-    canvas = fresh;
-    refresh();
-  }), canvas.node);
+  left.append(
+    imageChooser(saeId, () => {
+      const fresh = patchCanvas(saeId, grid, refresh, { label: "image patches" });
+      canvas.node.replaceWith(fresh.node);
+      canvas = fresh;
+      refresh();
+    }),
+    canvas.node,
+  );
   await refresh();
 }

@@ -11,8 +11,16 @@ const root = document.getElementById("page");
 const select = document.getElementById("sae-select");
 
 function fillSaeSelect() {
-  clear(select, state.saes.map((s) => el("option", { value: s.sae_id, selected: s.sae_id === state.saeId },
-    `${s.sae_id} · ${s.backbone_id} L${s.layer}${s.analyzed ? "" : " (not analysed)"}`)));
+  clear(
+    select,
+    state.saes.map((s) =>
+      el(
+        "option",
+        { value: s.sae_id, selected: s.sae_id === state.saeId },
+        `${s.sae_id} · ${s.backbone_id} L${s.layer}${s.analyzed ? "" : " (not analysed)"}`,
+      ),
+    ),
+  );
   if (!state.saes.length) select.append(el("option", { value: "" }, "no SAE"));
 }
 
@@ -30,8 +38,11 @@ async function route() {
   const query = new URLSearchParams(queryText || "");
   const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
   const page = parts[0] || "latents";
-  document.querySelectorAll("header nav a").forEach((a) => a.classList.toggle("active", a.dataset.page === page ||
-    (page === "latent" && a.dataset.page === "latents")));
+  document
+    .querySelectorAll("header nav a")
+    .forEach((a) =>
+      a.classList.toggle("active", a.dataset.page === page || (page === "latent" && a.dataset.page === "latents")),
+    );
   document.body.dataset.page = page;
   document.body.dataset.ready = "0";
   try {

@@ -27,7 +27,12 @@ export async function renderPlayground(root, query) {
     return;
   }
   const fromLink = Number(query.get("latent"));
-  if (query.get("latent") !== null && Number.isInteger(fromLink) && fromLink >= 0 && !state.edits.some((e) => e.latent === fromLink)) {
+  if (
+    query.get("latent") !== null &&
+    Number.isInteger(fromLink) &&
+    fromLink >= 0 &&
+    !state.edits.some((e) => e.latent === fromLink)
+  ) {
     state.edits.push({ latent: fromLink, value: 0, on: true });
   }
   const grid = gridOf(saeId);
@@ -35,7 +40,7 @@ export async function renderPlayground(root, query) {
   // in: it loads on first use and is listed from then on.
   let heads = [];
   const listHeads = async () => {
-    heads = ((await api("/v1/heads", { query: { backbone_id: info.backbone_id } })).heads || []);
+    heads = (await api("/v1/heads", { query: { backbone_id: info.backbone_id } })).heads || [];
   };
   try {
     await listHeads();
@@ -46,12 +51,26 @@ export async function renderPlayground(root, query) {
 
   const OTHER = "\u0000other";
   const headSelect = el("select", { id: "head-select", "aria-label": "task head" });
-  const otherHead = el("input", { type: "text", id: "head-id", placeholder: "head id", "aria-label": "head id", hidden: true });
+  const otherHead = el("input", {
+    type: "text",
+    id: "head-id",
+    placeholder: "head id",
+    "aria-label": "head id",
+    hidden: true,
+  });
   function fillHeads() {
     const known = heads.some((h) => h.head_id === state.headId);
-    clear(headSelect, heads.map((h) => el("option", { value: h.head_id, selected: h.head_id === state.headId },
-      `${h.head_id} (${h.kind === "HEAD_KIND_SEGMENTER" ? "segmenter" : "classifier"}, ${h.n_classes} classes)`)),
-    el("option", { value: OTHER, selected: !known }, "another head id…"));
+    clear(
+      headSelect,
+      heads.map((h) =>
+        el(
+          "option",
+          { value: h.head_id, selected: h.head_id === state.headId },
+          `${h.head_id} (${h.kind === "HEAD_KIND_SEGMENTER" ? "segmenter" : "classifier"}, ${h.n_classes} classes)`,
+        ),
+      ),
+      el("option", { value: OTHER, selected: !known }, "another head id…"),
+    );
     otherHead.hidden = known;
     if (!known) otherHead.value = state.headId;
   }
@@ -67,73 +86,142 @@ export async function renderPlayground(root, query) {
   });
 
   const editsBox = el("div", { class: "col", id: "edits" });
-  const addInput = el("input", { type: "number", min: 0, max: Number(info.d_sae) - 1, step: 1, id: "add-latent", placeholder: "latent #" });
-  const addButton = el("button", { type: "button", class: "secondary", onclick: () => {
-    const latent = Number(addInput.value);
-    if (addInput.value === "" || !Number.isInteger(latent) || latent < 0 || latent >= Number(info.d_sae)) return;
-    if (!state.edits.some((e) => e.latent === latent)) state.edits.push({ latent, value: 0, on: true });
-    addInput.value = "";
-    drawEdits();
-    apply();
-  } }, "Add");
-  const strongest = el("button", { type: "button", class: "secondary", id: "add-strongest", onclick: async () => {
-    if (!state.image) return;
-    strongest.disabled = true;
-    try {
-      const answer = await imageLatents(saeId, 3);
-      for (const item of answer.latents || []) {
-        const latent = Number(item.latent);
+  const addInput = el("input", {
+    type: "number",
+    min: 0,
+    max: Number(info.d_sae) - 1,
+    step: 1,
+    id: "add-latent",
+    placeholder: "latent #",
+  });
+  const addButton = el(
+    "button",
+    {
+      type: "button",
+      class: "secondary",
+      onclick: () => {
+        const latent = Number(addInput.value);
+        if (addInput.value === "" || !Number.isInteger(latent) || latent < 0 || latent >= Number(info.d_sae)) return;
         if (!state.edits.some((e) => e.latent === latent)) state.edits.push({ latent, value: 0, on: true });
-      }
-      drawEdits();
-      apply();
-    } catch (err) {
-      editsBox.append(errorBox(err));
-    }
-    strongest.disabled = false;
-  } }, "Add the 3 strongest latents of the selection");
+        addInput.value = "";
+        drawEdits();
+        apply();
+      },
+    },
+    "Add",
+  );
+  const strongest = el(
+    "button",
+    {
+      type: "button",
+      class: "secondary",
+      id: "add-strongest",
+      onclick: async () => {
+        if (!state.image) return;
+        strongest.disabled = true;
+        try {
+          const answer = await imageLatents(saeId, 3);
+          for (const item of answer.latents || []) {
+            const latent = Number(item.latent);
+            if (!state.edits.some((e) => e.latent === latent)) state.edits.push({ latent, value: 0, on: true });
+          }
+          drawEdits();
+          apply();
+        } catch (err) {
+          editsBox.append(errorBox(err));
+        }
+        strongest.disabled = false;
+      },
+    },
+    "Add the 3 strongest latents of the selection",
+  );
 
   const results = el("div", { class: "col", id: "intervention-results" });
   const drift = el("div", { class: "panel", id: "drift" });
   const left = el("div", { class: "col" });
   let canvas = patchCanvas(saeId, grid, () => apply(), { label: "patches to edit" });
-  left.append(imageChooser(saeId, () => {
-    const fresh = patchCanvas(saeId, grid, () => apply(), { label: "patches to edit" });
-    canvas.node.replaceWith(fresh.node);
-    canvas = fresh;
-    apply();
-  }), canvas.node);
+  left.append(
+    imageChooser(saeId, () => {
+      const fresh = patchCanvas(saeId, grid, () => apply(), { label: "patches to edit" });
+      canvas.node.replaceWith(fresh.node);
+      canvas = fresh;
+      apply();
+    }),
+    canvas.node,
+  );
 
-  root.append(el("div", { class: "row" }, left, el("div", { class: "col", style: "flex:1;min-width:380px" },
-    el("div", { class: "panel col" },
-      el("label", {}, "Task head ", headSelect, " ", otherHead),
-      el("h3", {}, "Latent edits (applied to the selected patches)"),
-      editsBox,
-      el("div", { class: "row" }, addInput, addButton, strongest)),
-    el("h2", {}, "Before and after"), results, el("h3", {}, "Off-target drift"), drift)));
+  root.append(
+    el(
+      "div",
+      { class: "row" },
+      left,
+      el(
+        "div",
+        { class: "col", style: "flex:1;min-width:380px" },
+        el(
+          "div",
+          { class: "panel col" },
+          el("label", {}, "Task head ", headSelect, " ", otherHead),
+          el("h3", {}, "Latent edits (applied to the selected patches)"),
+          editsBox,
+          el("div", { class: "row" }, addInput, addButton, strongest),
+        ),
+        el("h2", {}, "Before and after"),
+        results,
+        el("h3", {}, "Off-target drift"),
+        drift,
+      ),
+    ),
+  );
 
   function drawEdits() {
     clear(editsBox);
-    if (!state.edits.length) editsBox.append(el("p", { class: "muted" }, "No latent chosen: add one by number, or the strongest of the selection."));
+    if (!state.edits.length)
+      editsBox.append(
+        el("p", { class: "muted" }, "No latent chosen: add one by number, or the strongest of the selection."),
+      );
     for (const edit of state.edits) {
       const label = el("span", { class: "value-label" }, describeValue(edit.value));
-      const slider = el("input", { type: "range", ...SLIDER, value: edit.value, "aria-label": `value of latent ${edit.latent}`,
-        dataset: { latent: String(edit.latent) } });
+      const slider = el("input", {
+        type: "range",
+        ...SLIDER,
+        value: edit.value,
+        "aria-label": `value of latent ${edit.latent}`,
+        dataset: { latent: String(edit.latent) },
+      });
       slider.addEventListener("input", () => {
         edit.value = Number(slider.value);
         label.textContent = describeValue(edit.value);
         applySoon();
       });
       const on = el("input", { type: "checkbox", checked: edit.on, "aria-label": `apply latent ${edit.latent}` });
-      on.addEventListener("change", () => { edit.on = on.checked; apply(); });
-      editsBox.append(el("div", { class: "edit-row" },
-        el("span", {}, on, " ", el("a", { href: `#/latent/${enc(saeId)}/${edit.latent}` }, `#${edit.latent}`)),
-        slider, label,
-        el("button", { type: "button", class: "secondary", "aria-label": `remove latent ${edit.latent}`, onclick: () => {
-          state.edits = state.edits.filter((e) => e !== edit);
-          drawEdits();
-          apply();
-        } }, "✕")));
+      on.addEventListener("change", () => {
+        edit.on = on.checked;
+        apply();
+      });
+      editsBox.append(
+        el(
+          "div",
+          { class: "edit-row" },
+          el("span", {}, on, " ", el("a", { href: `#/latent/${enc(saeId)}/${edit.latent}` }, `#${edit.latent}`)),
+          slider,
+          label,
+          el(
+            "button",
+            {
+              type: "button",
+              class: "secondary",
+              "aria-label": `remove latent ${edit.latent}`,
+              onclick: () => {
+                state.edits = state.edits.filter((e) => e !== edit);
+                drawEdits();
+                apply();
+              },
+            },
+            "✕",
+          ),
+        ),
+      );
     }
   }
 
@@ -142,29 +230,60 @@ export async function renderPlayground(root, query) {
     const known = heads.find((h) => h.head_id === state.headId);
     const head = known || (state.headId ? { head_id: state.headId, class_names: [] } : null);
     if (!state.image || !head) {
-      clear(results, el("p", { class: "muted" }, !state.image ? "Choose or upload an image." : "Choose a task head for this backbone."));
+      clear(
+        results,
+        el(
+          "p",
+          { class: "muted" },
+          !state.image ? "Choose or upload an image." : "Choose a task head for this backbone.",
+        ),
+      );
       clear(drift);
       return;
     }
     const mine = ++seq;
     const [rows, cols] = grid;
     const patches = patchSelection(rows, cols);
-    const edits = state.edits.filter((e) => e.on).map((e) => ({
-      latent: e.latent, op: "EDIT_OP_SET", value: e.value, relative_to_max: true, patches }));
+    const edits = state.edits
+      .filter((e) => e.on)
+      .map((e) => ({
+        latent: e.latent,
+        op: "EDIT_OP_SET",
+        value: e.value,
+        relative_to_max: true,
+        patches,
+      }));
     results.classList.add("busy");
     results.setAttribute("aria-busy", "true");
     try {
-      const answer = await api("/v1/interventions", { method: "POST", body: {
-        sae_id: saeId, head_id: head.head_id, images: [{ encoded: toBase64(state.image.bytes), id: state.image.name }],
-        edits, return_activations: edits.length > 0 } });
+      const answer = await api("/v1/interventions", {
+        method: "POST",
+        body: {
+          sae_id: saeId,
+          head_id: head.head_id,
+          images: [{ encoded: toBase64(state.image.bytes), id: state.image.name }],
+          edits,
+          return_activations: edits.length > 0,
+        },
+      });
       if (mine !== seq) return;
       const result = (answer.results || [])[0];
       showResult(head, result, answer.layout);
-      if (!known) listHeads().then(fillHeads).catch(() => {}); // now loaded: its kind and class names
+      if (!known)
+        listHeads()
+          .then(fillHeads)
+          .catch(() => {}); // now loaded: its kind and class names
       if (edits.length) {
         clear(drift, el("p", { class: "loading" }, "Re-encoding the edited residual…"));
         try {
-          const d = await offTargetDrift(saeId, result, answer.layout, edits.map((e) => e.latent), selectionOn(rows, cols), rows * cols);
+          const d = await offTargetDrift(
+            saeId,
+            result,
+            answer.layout,
+            edits.map((e) => e.latent),
+            selectionOn(rows, cols),
+            rows * cols,
+          );
           if (mine === seq) showDrift(d);
         } catch (err) {
           if (mine === seq) clear(drift, errorBox(err));
@@ -188,7 +307,8 @@ export async function renderPlayground(root, query) {
     const name = (c) => (names[c] !== undefined && names[c] !== "" ? names[c] : `class ${c}`);
     const before = decodeTensor(result.before.logits);
     const after = decodeTensor(result.after.logits);
-    if (before.shape.length === 3) { // a segmenter: [classes, height, width]
+    if (before.shape.length === 3) {
+      // a segmenter: [classes, height, width]
       clear(results, segmentation(before, after, result.change_rate));
       return;
     }
@@ -196,19 +316,39 @@ export async function renderPlayground(root, query) {
     const pa = softmax(Array.from(after.data));
     const argmax = (p) => p.indexOf(Math.max(...p));
     const shown = [...new Set([...order(pb).slice(0, 6), ...order(pa).slice(0, 6)])];
-    const table = el("div", { class: "probs", id: "class-probs" },
-      el("strong", {}, "class"), el("strong", {}, "before"), el("span"), el("strong", {}, "after"), el("span"));
+    const table = el(
+      "div",
+      { class: "probs", id: "class-probs" },
+      el("strong", {}, "class"),
+      el("strong", {}, "before"),
+      el("span"),
+      el("strong", {}, "after"),
+      el("span"),
+    );
     for (const c of shown) {
-      table.append(el("span", { class: "class-name" }, name(c)),
-        el("span", {}, el("span", { class: "bar b", style: `width:${(100 * pb[c]).toFixed(1)}%` })), el("span", { class: "num" }, pct(pb[c])),
-        el("span", {}, el("span", { class: "bar a", style: `width:${(100 * pa[c]).toFixed(1)}%` })), el("span", { class: "num after-prob" }, pct(pa[c])));
+      table.append(
+        el("span", { class: "class-name" }, name(c)),
+        el("span", {}, el("span", { class: "bar b", style: `width:${(100 * pb[c]).toFixed(1)}%` })),
+        el("span", { class: "num" }, pct(pb[c])),
+        el("span", {}, el("span", { class: "bar a", style: `width:${(100 * pa[c]).toFixed(1)}%` })),
+        el("span", { class: "num after-prob" }, pct(pa[c])),
+      );
     }
     const cb = argmax(pb);
     const ca = argmax(pa);
-    clear(results,
-      el("p", { id: "prediction" }, "Prediction: ", el("strong", { class: "before-label" }, `${name(cb)} (${pct(pb[cb])})`), " → ",
-        el("strong", { class: "after-label" }, `${name(ca)} (${pct(pa[ca])})`), cb !== ca ? el("span", { class: "flag" }, "flipped") : null),
-      table);
+    clear(
+      results,
+      el(
+        "p",
+        { id: "prediction" },
+        "Prediction: ",
+        el("strong", { class: "before-label" }, `${name(cb)} (${pct(pb[cb])})`),
+        " → ",
+        el("strong", { class: "after-label" }, `${name(ca)} (${pct(pa[ca])})`),
+        cb !== ca ? el("span", { class: "flag" }, "flipped") : null,
+      ),
+      table,
+    );
   }
 
   function segmentation(before, after, changeRate) {
@@ -231,26 +371,39 @@ export async function renderPlayground(root, query) {
       return el("figure", {}, c.node, el("figcaption", {}, title));
     };
     let fig;
-    if (C === 2) { // saliency-style: the probability of class 1
+    if (C === 2) {
+      // saliency-style: the probability of class 1
       const pB = b.probs.map((p) => p[1]);
       const pA = a.probs.map((p) => p[1]);
       const diff = pA.map((v, i) => Math.abs(v - pB[i]));
-      fig = [view("before: P(class 1)", pB, { scale: 1 }), view("after: P(class 1)", pA, { scale: 1 }),
-        view("|after − before|", diff, { scale: Math.max(1e-6, ...diff), alpha: 0.8 })];
+      fig = [
+        view("before: P(class 1)", pB, { scale: 1 }),
+        view("after: P(class 1)", pA, { scale: 1 }),
+        view("|after − before|", diff, { scale: Math.max(1e-6, ...diff), alpha: 0.8 }),
+      ];
     } else {
       const colour = (labels) => labels.map((l) => l + 1);
       const labelColour = (t) => classColour(Math.round(t * (C + 1)) - 1);
       const changed = a.labels.map((l, i) => (l !== b.labels[i] ? 1 : 0));
-      fig = [view("before: labels", colour(b.labels), { scale: C + 1, colour: labelColour, alpha: 0.55 }),
+      fig = [
+        view("before: labels", colour(b.labels), { scale: C + 1, colour: labelColour, alpha: 0.55 }),
         view("after: labels", colour(a.labels), { scale: C + 1, colour: labelColour, alpha: 0.55 }),
-        view("changed patches", changed, { scale: 1, colour: () => [220, 30, 60], alpha: 0.8 })];
+        view("changed patches", changed, { scale: 1, colour: () => [220, 30, 60], alpha: 0.8 }),
+      ];
     }
     const meanB = b.probs.reduce((s, p) => s + (C === 2 ? p[1] : 0), 0) / (H * W);
     const meanA = a.probs.reduce((s, p) => s + (C === 2 ? p[1] : 0), 0) / (H * W);
-    return el("div", { class: "col" },
-      el("p", { id: "prediction" }, `Patches whose label changed: ${pct(changeRate || 0)}`,
-        C === 2 ? ` · mean P(class 1): ${pct(meanB)} → ${pct(meanA)}` : ""),
-      el("div", { class: "side" }, fig));
+    return el(
+      "div",
+      { class: "col" },
+      el(
+        "p",
+        { id: "prediction" },
+        `Patches whose label changed: ${pct(changeRate || 0)}`,
+        C === 2 ? ` · mean P(class 1): ${pct(meanB)} → ${pct(meanA)}` : "",
+      ),
+      el("div", { class: "side" }, fig),
+    );
   }
 
   drawEdits();
@@ -258,23 +411,31 @@ export async function renderPlayground(root, query) {
 }
 
 function order(p) {
-  return p.map((v, i) => [v, i]).sort((x, y) => y[0] - x[0]).map(([, i]) => i);
+  return p
+    .map((v, i) => [v, i])
+    .sort((x, y) => y[0] - x[0])
+    .map(([, i]) => i);
 }
 
 // Off-target drift of an edit, measured here: both residual streams re-encoded by the SAE in one call; over the
 // edited tokens and the latents not edited, how far the codes moved (mean and max |Δ|, ‖Δ‖ / ‖f‖, latents that
 // switched on or off per token).
 async function offTargetDrift(saeId, result, layout, edited, selected, nPatches) {
-  const float32Bytes = (t) => (t.dtype === "DTYPE_FLOAT32" ? tensorBytes(t)
-    : new Uint8Array(Float32Array.from(decodeTensor(t).data).buffer));
+  const float32Bytes = (t) =>
+    t.dtype === "DTYPE_FLOAT32" ? tensorBytes(t) : new Uint8Array(Float32Array.from(decodeTensor(t).data).buffer);
   const xb = float32Bytes(result.activations_before);
   const xa = float32Bytes(result.activations_after);
   const [T, D] = result.activations_before.shape.map(Number);
   const both = new Uint8Array(xb.length + xa.length);
   both.set(xb, 0);
   both.set(xa, xb.length);
-  const encoded = await api("/v1/saes/encode", { method: "POST", body: {
-    sae_id: saeId, activations: float32Tensor(new Float32Array(both.buffer), [2, T, D]) } });
+  const encoded = await api("/v1/saes/encode", {
+    method: "POST",
+    body: {
+      sae_id: saeId,
+      activations: float32Tensor(new Float32Array(both.buffer), [2, T, D]),
+    },
+  });
   const codes = encoded.sparse;
   const indptr = decodeTensor(codes.indptr).data;
   const indices = decodeTensor(codes.indices).data;
@@ -283,7 +444,11 @@ async function offTargetDrift(saeId, result, layout, edited, selected, nPatches)
   const prefix = Number(layout.n_cls || 0) + Number(layout.n_registers || 0);
   const patches = selected.length ? selected : Array.from({ length: nPatches }, (_, i) => i);
   const skip = new Set(edited);
-  let sumAbs = 0, maxAbs = 0, sumSq = 0, refSq = 0, flips = 0;
+  let sumAbs = 0,
+    maxAbs = 0,
+    sumSq = 0,
+    refSq = 0,
+    flips = 0;
   const row = (r) => {
     const m = new Map();
     for (let j = indptr[r]; j < indptr[r + 1]; j++) if (!skip.has(indices[j])) m.set(indices[j], values[j]);
@@ -296,29 +461,54 @@ async function offTargetDrift(saeId, result, layout, edited, selected, nPatches)
     for (const [k, v] of f) {
       const w = g.get(k) || 0;
       const d = Math.abs(w - v);
-      sumAbs += d; sumSq += d * d; refSq += v * v; maxAbs = Math.max(maxAbs, d);
-      if ((v > 0) !== (w > 0)) flips++;
+      sumAbs += d;
+      sumSq += d * d;
+      refSq += v * v;
+      maxAbs = Math.max(maxAbs, d);
+      if (v > 0 !== w > 0) flips++;
     }
     for (const [k, w] of g) {
       if (f.has(k)) continue;
-      sumAbs += Math.abs(w); sumSq += w * w; maxAbs = Math.max(maxAbs, Math.abs(w));
+      sumAbs += Math.abs(w);
+      sumSq += w * w;
+      maxAbs = Math.max(maxAbs, Math.abs(w));
       if (w > 0) flips++;
     }
   }
   const n = patches.length;
-  return { tokens: n, meanAbs: sumAbs / (n * Math.max(1, dSae - skip.size)), maxAbs,
-    relative: refSq > 0 ? Math.sqrt(sumSq / refSq) : 0, flipsPerToken: flips / n };
+  return {
+    tokens: n,
+    meanAbs: sumAbs / (n * Math.max(1, dSae - skip.size)),
+    maxAbs,
+    relative: refSq > 0 ? Math.sqrt(sumSq / refSq) : 0,
+    flipsPerToken: flips / n,
+  };
 }
 
 function showDrift(d) {
   const box = document.getElementById("drift");
   if (!box) return;
-  clear(box, el("dl", { class: "stats" },
-    el("dt", {}, "Edited tokens"), el("dd", {}, String(d.tokens)),
-    el("dt", {}, "Mean |Δ| of the other latents"), el("dd", { id: "drift-mean" }, fmt(d.meanAbs, 5)),
-    el("dt", {}, "Max |Δ|"), el("dd", {}, fmt(d.maxAbs)),
-    el("dt", {}, "‖Δ‖ / ‖f‖"), el("dd", { id: "drift-relative" }, fmt(d.relative, 4)),
-    el("dt", {}, "Latents switching on/off per token"), el("dd", {}, fmt(d.flipsPerToken, 2))),
-  el("p", { class: "legend" }, "The edited residual re-encoded by the SAE, compared with the codes it was built " +
-    "from, over the edited tokens and the latents not edited. Zero means the edit touched only its own latents."));
+  clear(
+    box,
+    el(
+      "dl",
+      { class: "stats" },
+      el("dt", {}, "Edited tokens"),
+      el("dd", {}, String(d.tokens)),
+      el("dt", {}, "Mean |Δ| of the other latents"),
+      el("dd", { id: "drift-mean" }, fmt(d.meanAbs, 5)),
+      el("dt", {}, "Max |Δ|"),
+      el("dd", {}, fmt(d.maxAbs)),
+      el("dt", {}, "‖Δ‖ / ‖f‖"),
+      el("dd", { id: "drift-relative" }, fmt(d.relative, 4)),
+      el("dt", {}, "Latents switching on/off per token"),
+      el("dd", {}, fmt(d.flipsPerToken, 2)),
+    ),
+    el(
+      "p",
+      { class: "legend" },
+      "The edited residual re-encoded by the SAE, compared with the codes it was built " +
+        "from, over the edited tokens and the latents not edited. Zero means the edit touched only its own latents.",
+    ),
+  );
 }
