@@ -26,6 +26,11 @@ SERVICES_URL = re.compile(r"((grpc|https?)://)?[A-Za-z0-9.\[\]:-]+:[0-9]{1,5}(/[
 """Where the services listen: ``grpc://host:port``, ``http(s)://host:port[/path]`` or ``host:port`` (gRPC)."""
 
 
+MAX_SPEC_BYTES = 1 << 20
+"""Longest job spec accepted, as JSON text: a spec names its inputs and settings, it does not carry data (every
+queued spec is stored in Redis until its job ends)."""
+
+
 class InvalidSpec(ValueError):
     """A job spec that does not validate; the message lists every problem and the fix."""
 
@@ -502,6 +507,8 @@ def validate_spec(job_type: str, spec: dict[str, Any] | str | BaseModel) -> _Spe
     if isinstance(spec, BaseModel):
         spec = spec.model_dump(mode="json")
     if isinstance(spec, str):
+        if len(spec) > MAX_SPEC_BYTES:
+            raise _too_large(job_type, len(spec))
         try:
             spec = json.loads(spec)
         except ValueError as exc:
@@ -521,9 +528,11 @@ def validate_spec(job_type: str, spec: dict[str, Any] | str | BaseModel) -> _Spe
         error = None
     else:
         try:  # free-form fields (backbone_options) must also serialise for the queue
-            spec_json(model)
+            size = len(spec_json(model).encode())
         except (ValueError, RecursionError):  # pydantic's "Maximum serialization depth exceeded" is a ValueError
             raise _nested_too_deeply(job_type) from None
+        if size > MAX_SPEC_BYTES:
+            raise _too_large(job_type, size)
         return model
     try:
         detail = _describe(error, job_type) if error is not None else None
@@ -536,6 +545,11 @@ def validate_spec(job_type: str, spec: dict[str, Any] | str | BaseModel) -> _Spe
 
 def _nested_too_deeply(job_type: str) -> InvalidSpec:
     return InvalidSpec(f"{job_type} spec is nested too deeply to be a job spec")
+
+
+def _too_large(job_type: str, size: int) -> InvalidSpec:
+    return InvalidSpec(f"{job_type} spec is {size} bytes of JSON, over the limit of {MAX_SPEC_BYTES}: a spec names its "
+                       "inputs (dataset, shard set, SAE ids), it does not carry data")
 
 
 def spec_json(spec: _Spec) -> str:

