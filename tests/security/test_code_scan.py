@@ -140,3 +140,52 @@ def test_no_code_in_the_repository_unpickles_or_loads_torch_files_unsafely():
         if path.is_file():
             found += problems_in(path.read_text(encoding="utf-8"), path.relative_to(REPO).as_posix())
     assert not found, "unsafe loading (use safetensors, or torch.load(..., weights_only=True)):\n" + "\n".join(found)
+
+
+SECRET_WORDS = ("SAEV_", "KEY", "SECRET", "PASSWORD", "TOKEN")
+
+
+def env_reads(source: str) -> list[tuple[int, str | None]]:
+    """(line, variable name or None when not a constant) of every read of the process environment."""
+    tree = ast.parse(source)
+    reads = []
+    for node in ast.walk(tree):
+        key = None
+        if isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load) and _is_environ(node.value):
+            key = node.slice
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            f = node.func
+            if (f.attr in ("get", "pop") and _is_environ(f.value)) or (
+                    f.attr == "getenv" and isinstance(f.value, ast.Name) and f.value.id == "os"):
+                key = node.args[0] if node.args else None
+            else:
+                continue
+        elif isinstance(node, ast.Compare) and any(_is_environ(c) for c in node.comparators):
+            key = node.left
+        else:
+            continue
+        reads.append((node.lineno, key.value if isinstance(key, ast.Constant) else None))
+    return reads
+
+
+def _is_environ(node) -> bool:
+    return isinstance(node, ast.Attribute) and node.attr == "environ" and isinstance(node.value, ast.Name) \
+        and node.value.id == "os"
+
+
+def test_credentials_are_read_from_the_environment_only_by_settings():
+    """The library and the services read no SAEV_* or credential-like variable themselves: Settings does (so every
+    secret is a SecretStr, masked in reprs and logs)."""
+    assert env_reads('import os\nos.environ["SAEV_X"]\nos.getenv("A_TOKEN")\n"RAY_ADDRESS" in os.environ\n') == [
+        (2, "SAEV_X"), (3, "A_TOKEN"), (4, "RAY_ADDRESS")]
+    found, seen = [], set()
+    for path in _python_files():
+        rel = path.relative_to(REPO).as_posix()
+        if not rel.startswith(("sae_shared/", "services/")) or rel == "sae_shared/settings.py" or not path.is_file():
+            continue
+        for line, name in env_reads(path.read_text(encoding="utf-8")):
+            seen.add(name)
+            if name is None or any(word in name.upper() for word in SECRET_WORDS):
+                found.append(f"{rel}:{line}: reads {name or 'a computed variable name'} from the environment")
+    assert "RAY_ADDRESS" in seen, "the scan sees Ray's own variables (read where Ray is joined)"
+    assert not found, "read these through sae_shared.settings.Settings:\n" + "\n".join(found)
