@@ -138,7 +138,8 @@ class MemorySampler(threading.Thread):
             first = [s[pid] for t, s in self.samples if t <= window]
             last = [s[pid] for t, s in self.samples if t >= end - window]
             start_mean, end_mean = float(np.mean(first)), float(np.mean(last))
-            trend = [min(self.samples, key=lambda s: abs(s[0] - at))[1][pid] / 2**20 for at in range(0, int(end) + 1, 30)]
+            trend = [min(self.samples, key=lambda s: abs(s[0] - at))[1][pid] / 2**20
+                     for at in range(0, int(end) + 1, 30)]
             rows.append({"pid": pid, "process": title, "rss_start_mib": self.samples[0][1][pid] / 2**20,
                          "rss_every_30s_mib": trend,
                          "rss_end_mib": self.samples[-1][1][pid] / 2**20, "first_window_mib": start_mean / 2**20,

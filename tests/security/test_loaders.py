@@ -113,8 +113,10 @@ def test_a_pickle_in_place_of_the_sae_weights_is_refused_and_not_run(tmp_path, s
 def test_weights_with_wrong_shapes_dtypes_or_nan_are_refused(tmp_path, sae_files):
     good = _sae().state_dict()
     weights = {k: v for k, v in good.items() if k in ("W_enc", "b_enc", "W_dec", "b_dec", "norm_mean")}
-    cases = {"shape": {**weights, "W_enc": torch.zeros(3, 3)}, "dtype": {**weights, "b_enc": torch.zeros(16, dtype=torch.int64)},
-             "nan": {**weights, "b_dec": torch.full((8,), float("nan"))}, "extra": {**weights, "evil": torch.zeros(1)},
+    cases = {"shape": {**weights, "W_enc": torch.zeros(3, 3)},
+             "dtype": {**weights, "b_enc": torch.zeros(16, dtype=torch.int64)},
+             "nan": {**weights, "b_dec": torch.full((8,), float("nan"))},
+             "extra": {**weights, "evil": torch.zeros(1)},
              "missing": {k: v for k, v in weights.items() if k != "W_dec"}}
     for why, tensors in cases.items():
         with pytest.raises(InvalidSAEFile, match="sae.safetensors"):
