@@ -359,6 +359,18 @@ def test_tiles_overlay_the_right_patch_of_the_redrawn_view(store, image_set):
     assert store.exists(cached) and _png(store.get_bytes(cached)).tolist() == tile2.tolist()
     assert np.abs(tile2[5, 5] - np.array(RED)).max() <= 2 and np.abs(tile2[5, 42] - np.array(BLUE)).max() <= 2
     assert np.abs(tile2[30, 42] - np.array(BLUE)).max() > 40  # patch (2, 3) painted
+    # Tiles as objects of their own (what the Features API answers by default): the pre-rendered one copied out of
+    # the pack, the cached one as it is; the source image of an analysed image; a latent's histogram.
+    from sae_shared.tiles import source_image_png, tile_object
+
+    key0 = tile_object(store, "s1", 0, 0)
+    assert key0 == tile_cache_key("s1", reader.analysis_id, "patch", 0, 0)
+    assert store.get_bytes(key0) == get_tile(store, "s1", 0, 0) and tile_object(store, "s1", 2, 0) == cached
+    assert _png(source_image_png(store, "s1", 3)).tolist() == np.asarray(_half_image(3)).tolist()
+    hist = reader.latent_histogram(0, bins=4)
+    maps = np.stack([e.heatmap for e in ex])
+    assert hist["n_values"] == maps.size and sum(hist["counts"]) == int((maps > 0).sum())
+    assert hist["edges"][-1] == pytest.approx(float(maps.max())) and hist["max_activation"] == ex[0].value
     with pytest.raises(KeyError):
         get_tile(store, "s1", 4, 0)
     with pytest.raises(IndexError):
