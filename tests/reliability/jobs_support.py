@@ -1,15 +1,15 @@
 """Small inputs and specs for one job of each type, written the same into any bucket, so that a job run in one
 bucket (disturbed) and in another (undisturbed) can be compared file by file.
 
-Each :class:`Case` names its spec, how to write its inputs, and which published artifacts it produces; the
-comparison leaves out only what names the job itself (its id, where it resumed, its speed).
+Each :class:`Case` names its spec, the inputs it reads, and which published artifacts it produces; the comparison
+leaves out only what describes the run rather than its result (the job's id, where it resumed, how long it took).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -22,7 +22,7 @@ D = 16
 
 VOLATILE_FIELDS = {"job_id", "resumed_from", "shards_recorded", "output", "seconds", "created_at", "committed_at"}
 """JSON fields that describe the run rather than its result (left out of the comparison, at any depth), besides
-durations and rates (names ending in ``_s``)."""
+durations and rates (names ending in ``_s`` or ``_seconds``)."""
 
 
 @dataclass(frozen=True)
@@ -34,13 +34,9 @@ class Case:
     outputs: Callable[[dict[str, Any]], list[str]]
     """The artifact prefixes a result names."""
     volatile_files: tuple[str, ...] = ()
-    """Files (in the artifacts) compared as JSON without :data:`VOLATILE_FIELDS` rather than byte for byte."""
-    needs: tuple[str, ...] = field(default=())
+    """JSON files (in the artifacts) compared without :data:`VOLATILE_FIELDS` rather than byte for byte."""
+    needs: tuple[str, ...] = ()
     """Inputs to write first: ``shards``, ``small_sae``, ``vit_sae``, ``probe``."""
-    rounding: bool = False
-    """Compare tensors and floats to within float rounding, not bit for bit. For the head: CPU matrix kernels may
-    round differently from one process to the next (seen: the same undisturbed job in two fresh processes gave
-    heads differing in the last bits), so a head matches an undisturbed run's to rounding, not always exactly."""
 
 
 CASES = {
@@ -62,7 +58,7 @@ CASES = {
         "analyze",
         {"sae_id": "small-sae", "acts_id": "", "top_k": 6, "reverse_n": 5, "batch_rows": 2, "tiles": False,
          "checkpoint_seconds": 0, "device": "cpu"},
-        lambda r: [r["prefix"]] if "prefix" in r else ["saes/small-sae/analysis"],
+        lambda r: [r["prefix"]],
         volatile_files=("analysis.json",),
         needs=("shards", "small_sae"),
     ),
@@ -71,8 +67,7 @@ CASES = {
         {"kind": "probe", "dataset": "bundled-lfw", "backbone": BACKBONE, "backbone_options": OPTIONS,
          "max_images": 96, "feature_batch_size": 4, "epochs": 20, "checkpoint_seconds": 0, "device": "cpu"},
         lambda r: [f"heads/{r['head_id']}"],
-        volatile_files=("train.json", "head.safetensors"),
-        rounding=True,
+        volatile_files=("train.json",),
     ),
     "experiment": Case(
         "experiment",
@@ -228,37 +223,37 @@ class Inputs:
 
 def strip_volatile(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: strip_volatile(v) for k, v in value.items() if k not in VOLATILE_FIELDS and not k.endswith("_s")}
+        return {k: strip_volatile(v) for k, v in value.items()
+                if k not in VOLATILE_FIELDS and not k.endswith(("_s", "_seconds"))}
     if isinstance(value, list):
         return [strip_volatile(v) for v in value]
     return value
 
 
-def same(got: Any, want: Any, rounding: bool) -> bool:
-    """Equal, or with ``rounding``, equal but for floats within a relative 1e-4 (absolute 1e-6) of each other."""
-    if not rounding:
-        return got == want
-    if isinstance(got, float) and isinstance(want, float):
-        return math.isclose(got, want, rel_tol=1e-4, abs_tol=1e-6)
-    if isinstance(got, dict) and isinstance(want, dict):
-        return got.keys() == want.keys() and all(same(got[k], want[k], True) for k in want)
-    if isinstance(got, list) and isinstance(want, list):
-        return len(got) == len(want) and all(same(g, w, True) for g, w in zip(got, want))
-    return got == want
+def safetensors_contents(data: bytes) -> dict[str, Any]:
+    """A safetensors file's metadata and, per tensor, dtype, shape and the sha256 of its bytes: what it holds,
+    whatever the order of its header's keys (safetensors writes the metadata from a hash map, in an order that
+    changes from one process to the next, so the same tensors need not give the same file bytes)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    body = data[8 + n:]
+    out: dict[str, Any] = {"__metadata__": header.pop("__metadata__", None)}
+    for name, info in sorted(header.items()):
+        start, stop = info["data_offsets"]
+        out[name] = (info["dtype"], info["shape"], hashlib.sha256(body[start:stop]).hexdigest())
+    return out
 
 
 def artifact_contents(store, prefix: str, case: Case) -> dict[str, Any]:
-    """What an artifact holds, for comparison: every file's sha256; for the case's volatile files, JSON without the
-    volatile fields, or tensors (as float lists)."""
-    from safetensors.torch import load
-
+    """What an artifact holds, for comparison: each file's sha256 (a safetensors file: its metadata and its tensors'
+    bytes); for the case's volatile files, their JSON without the volatile fields."""
     manifest = store.read_manifest(prefix)
     out: dict[str, Any] = {}
     for name, meta in manifest["files"].items():
-        if name not in case.volatile_files:
-            out[name] = meta["sha256"]
-        elif name.endswith(".safetensors"):
-            out[name] = {k: v.double().flatten().tolist() for k, v in load(store.get_bytes(f"{prefix}/{name}")).items()}
+        data = store.get_bytes(f"{prefix}/{name}") if name.endswith(".safetensors") or name in case.volatile_files \
+            else None
+        if name in case.volatile_files:
+            out[name] = strip_volatile(json.loads(data))
         else:
-            out[name] = strip_volatile(json.loads(store.get_bytes(f"{prefix}/{name}")))
+            out[name] = safetensors_contents(data) if data is not None else meta["sha256"]
     return out

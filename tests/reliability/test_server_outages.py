@@ -179,6 +179,9 @@ def test_s3_stopped_for_ten_seconds_during_recording_and_training(setup):
     stray = [k for k in store.list("") if not k.startswith("jobs/") and not any(k.startswith(p + "/") for p in committed)]
     assert stray == []
     assert reader.broken == [] and outputs <= reader.checked
+    retried = [r for w in workers.started for r in w.records()
+               if r.get("logger") == "sae_shared.storage" and r.get("msg", "").startswith("retrying")]
+    assert retried, "no store call was retried: the outage missed the jobs"
 
     from sae_shared.sae import load_sae
     from sae_shared.shards import ShardSet
