@@ -2,25 +2,47 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import json
 import subprocess
 import sys
 
+import torch
+
+from sae_shared.storage import canonical_safetensors, decode_tensors, encode_tensors
 from tests.workers_support import REPO
 
-ENCODE = """
+TENSORS = {"b": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a": torch.ones(4, dtype=torch.int64)}
+METADATA = {"format": "pt", "schema": "1", "kind": "test", "tree": "x"}
+ENCODE = f"""
 import hashlib, torch
-from sae_shared.storage import decode_tensors, encode_tensors
-t = {"b": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a": torch.ones(4, dtype=torch.int64)}
-data = encode_tensors(t, metadata={"format": "pt", "schema": "1", "kind": "test", "tree": "x"})
-back = decode_tensors(data, "k")
-assert back.keys() == t.keys() and all(torch.equal(back[k], t[k]) for k in t)
-print(hashlib.sha256(data).hexdigest())
+from sae_shared.storage import encode_tensors
+t = {{"b": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a": torch.ones(4, dtype=torch.int64)}}
+print(hashlib.sha256(encode_tensors(t, metadata={METADATA!r})).hexdigest())
 """
 
 
-def test_encoded_tensors_are_the_same_bytes_in_every_process():
-    # safetensors writes its metadata map in a per-process random order: 4 keys, 24 orders; four processes agree
-    # by chance once in 24**3 runs without the canonical header.
-    digests = {subprocess.run([sys.executable, "-c", ENCODE], cwd=REPO, capture_output=True, text=True,
-                              check=True, timeout=120).stdout.strip() for _ in range(4)}
-    assert len(digests) == 1, digests
+def _with_header(data: bytes, header: dict) -> bytes:
+    text = json.dumps(header).encode()
+    n = int.from_bytes(data[:8], "little")
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
+
+
+def test_every_order_of_the_header_gives_one_file():
+    data = encode_tensors(TENSORS, metadata=METADATA)
+    back = decode_tensors(data, "k")
+    assert back.keys() == TENSORS.keys() and all(torch.equal(back[k], TENSORS[k]) for k in TENSORS)
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    for keys in itertools.permutations(METADATA):
+        shuffled = {**{k: header[k] for k in reversed(list(header)) if k != "__metadata__"},
+                    "__metadata__": {k: METADATA[k] for k in keys}}
+        assert canonical_safetensors(_with_header(data, shuffled)) == data
+
+
+def test_encoded_tensors_are_the_same_bytes_in_another_process():
+    # safetensors writes its metadata map in a per-process random order (4 keys: 24 orders).
+    here = hashlib.sha256(encode_tensors(TENSORS, metadata=METADATA)).hexdigest()
+    there = subprocess.run([sys.executable, "-c", ENCODE], cwd=REPO, capture_output=True, text=True, check=True,
+                           timeout=120).stdout.strip()
+    assert there == here
