@@ -162,10 +162,9 @@ def test_not_analysed_bad_latent_and_bad_kind(running, stubs, http, analysis, re
         stubs.features.GetLatentExemplars(fpb.GetLatentExemplarsRequest(sae_id="never-analysed", latent=0),
                                           metadata=md, timeout=60)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND and "saevctl analyze" in err.value.details()
-    for path in ("/v1/saes/never-analysed/latents/0/exemplars", "/v1/saes/never-analysed/latents/0/exemplars/0/tile.png",
-                 "/v1/saes/never-analysed/images", "/v1/saes/never-analysed/images/0.png",
-                 "/v1/saes/never-analysed/images/0/latents", "/v1/saes/never-analysed/latents/0/histogram"):
-        r = http.get(path)
+    for path in ("/latents/0/exemplars", "/latents/0/exemplars/0/tile.png", "/images", "/images/0.png",
+                 "/images/0/latents", "/latents/0/histogram"):
+        r = http.get("/v1/saes/never-analysed" + path)
         assert r.status_code == 404 and r.headers["content-type"].startswith("application/json"), path
         assert r.json()["error"]["code"] == "NOT_FOUND" and "saevctl analyze" in r.json()["error"]["message"]
 
