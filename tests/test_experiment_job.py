@@ -178,6 +178,9 @@ def test_experiment_refuses_bad_specs_at_submit(cli, queue, store, namespace):
         (["--output", "experiments/taken"], "already committed at experiments/taken"),
         (["--dataset", "stored:absent"], "no dataset datasets/absent/"),
         (["--spec", '{"max_frequency": 2}'], "max_frequency: Input should be less than or equal to 1"),
+        (["--services-url", "grpc://127.0.0.1:9000"], "services_url applies to via='services' only"),
+        (["--via", "services", "--services-url", "ftp://x"], "services_url must be grpc://host:port"),
+        (["--via", "elsewhere"], "via: Input should be 'local' or 'services'"),
     ]
     for args, expected in cases:
         result = cli(*base, *args)
