@@ -681,8 +681,10 @@ def to_files(head: TaskHead) -> dict[str, bytes]:
            "contract": head.contract.to_dict(), "arch": head.arch(), "training": head.training_info}
     state = {k: v.detach().to("cpu").contiguous() for k, v in head.state_dict().items()}
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+    from sae_shared.storage import canonical_safetensors  # the same bytes in every process
+
     return {CFG_FILE: json.dumps(cfg, indent=2).encode(),
-            WEIGHTS_FILE: st_save(state, metadata={"format": "pt", "schema": str(SCHEMA)})}
+            WEIGHTS_FILE: canonical_safetensors(st_save(state, metadata={"format": "pt", "schema": str(SCHEMA)}))}
 
 
 def _read_v1(cfg: dict[str, Any], where: str) -> tuple[str, list[str], HeadContract, dict[str, Any]]:

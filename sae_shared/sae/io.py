@@ -103,7 +103,9 @@ def to_files(sae: SparseAutoencoder) -> dict[str, bytes]:
             "metrics": None if st.metrics is None else _json_floats(st.metrics._asdict()),
         }
         files[STATS_FILE] = st_save({name: getattr(st, name).detach().cpu().contiguous() for name in LatentStats.TENSORS})
-    files[WEIGHTS_FILE] = st_save(weights, metadata={"format": "pt", "schema": str(SCHEMA)})
+    from sae_shared.storage import canonical_safetensors  # the same bytes in every process
+
+    files[WEIGHTS_FILE] = canonical_safetensors(st_save(weights, metadata={"format": "pt", "schema": str(SCHEMA)}))
     files[CFG_FILE] = json.dumps(cfg, indent=2).encode()
     return files
 
