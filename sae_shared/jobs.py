@@ -15,14 +15,12 @@ This module imports only pydantic, so the library stays importable where Redis i
 from __future__ import annotations
 
 import json
-import re
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 Id = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")]
 """An identifier of an input or output (dataset, backbone, shard set, SAE, head): non-empty, no spaces."""
-SERVICES_URL = re.compile(r"((grpc|https?)://)?[A-Za-z0-9.\[\]:-]+:[0-9]{1,5}(/[A-Za-z0-9._/-]*)?")
 """Where the services listen: ``grpc://host:port``, ``http(s)://host:port[/path]`` or ``host:port`` (gRPC)."""
 
 
@@ -387,12 +385,8 @@ class ExperimentSpec(_Spec):
     via: Literal["local", "services"] = "local"
     """Where the models run: 'local' loads the backbone, SAE and head into the worker; 'services' computes every
     forward, encode, decode and prediction through the activations, SAE and task-head services (which must serve
-    the backbone, and read the SAE and head from the same object store). Both give the same numbers, up to float
-    rounding."""
-    services_url: str | None = Field(None, min_length=1, max_length=512)
-    """With via='services': the services' address, ``grpc://host:port`` (or ``host:port``) or
-    ``http(s)://host:port[/path]`` (None: the local stack ``saevctl serve`` started); the API key is the worker's
-    (``SAEV_API_KEYS`` or the local stack's)."""
+    the backbone, and read the SAE and head from the same object store), at the worker's ``SAEV_SERVICES_URL`` (or
+    the local stack). Both give the same numbers, up to float rounding."""
 
     def model_post_init(self, _context: Any) -> None:
         if self.via == "services":
@@ -400,11 +394,6 @@ class ExperimentSpec(_Spec):
             if local_only:
                 raise ValueError(f"{', '.join(local_only)} apply to via='local' only: the services run the models "
                                  "they were configured with")
-        elif self.services_url is not None:
-            raise ValueError("services_url applies to via='services' only")
-        if self.services_url is not None and not SERVICES_URL.fullmatch(self.services_url):
-            raise ValueError(f"services_url must be grpc://host:port, http(s)://host:port[/path] or host:port, got "
-                             f"{self.services_url!r}")
         given = [f for f in ("latents", "edits", "plan") if getattr(self, f) is not None]
         if len(given) > 1:
             raise ValueError(f"give one plan: {' or '.join(given)} (or none of them for an automatic plan)")

@@ -46,6 +46,10 @@ class _ConnectionFileSource(PydanticBaseSettingsSource):
         return {k: v for k, v in self._values.items() if k in self.settings_cls.model_fields}
 
 
+SERVICES_URL = r"^((grpc|https?)://)?[A-Za-z0-9.\[\]:-]+:[0-9]{1,5}(/[A-Za-z0-9._/-]*)?$"
+"""``grpc://host:port`` (or ``host:port``) or ``http(s)://host:port[/path]``."""
+
+
 class Settings(BaseSettings):
     """Configuration of the whole platform. Environment variables are ``SAEV_`` + the field name in capitals."""
 
@@ -72,6 +76,12 @@ class Settings(BaseSettings):
     """S3 region, where the server needs one."""
     s3_retry_seconds: float = 60.0
     """Total time an object-store operation keeps retrying transient errors before giving up."""
+
+    # --- services, as the job workers reach them ---
+    services_url: str | None = Field(None, pattern=SERVICES_URL)
+    """Where workers call the model services for experiments with ``via='services'``: ``grpc://host:port`` or
+    ``http(s)://host:port[/path]``. Unset: the local stack ``saevctl serve`` started. Deliberately not a job-spec
+    field: a job submitter must not be able to send the worker (and its API key) to another host."""
 
     # --- job queue ---
     redis_url: str | None = None

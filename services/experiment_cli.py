@@ -259,9 +259,7 @@ def experiment_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an artifact already at --output."),
     device: Optional[str] = typer.Option(None, "--device", help="Torch device (default: the worker's SAEV_DEVICE)."),
     via: str = typer.Option("local", "--via", help="local: the worker loads the models; services: every forward, "
-                            "encode, decode and prediction goes through the running services (same numbers)."),
-    services_url: Optional[str] = typer.Option(None, "--services-url", help="With --via services: grpc://host:port "
-                                               "or http(s)://host:port (default: the local stack's)."),
+                            "encode, decode and prediction goes through the services at the worker's SAEV_SERVICES_URL (same numbers)."),
     spec_extra: Optional[str] = SpecOption,
     idempotency_key: Optional[str] = IdempotencyOption,
     max_attempts: int = AttemptsOption,
@@ -296,7 +294,7 @@ def experiment_command(
         "labels": labels, "images": _span(images, "--images"),
         "selection_images": _span(selection_images, "--selection-images"), "max_images": max_images,
         "batch_size": batch_size, "seed": seed, "output": output, "overwrite": overwrite, "device": device,
-        "via": via, "services_url": services_url,
+        "via": via,
     }
     spec = {k: v for k, v in spec.items() if v is not None}
     spec.update(_extra(spec_extra))

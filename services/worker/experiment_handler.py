@@ -6,7 +6,7 @@
   head's image size). :func:`open_experiment` builds the same :class:`~sae_shared.experiments.Experiment` in any
   process (tests and ``bench/experiment.py`` use it for the in-process reference).
 - **Where the models run** (``spec.via``): 'local' loads them into the worker; 'services' gives the experiment the
-  stand-ins of :mod:`sae_shared.remote` over a client of ``spec.services_url`` (gRPC or HTTP, with retries), so
+  stand-ins of :mod:`sae_shared.remote` over a client of the worker's ``SAEV_SERVICES_URL`` (gRPC or HTTP, with retries), so
   every forward, encode, decode and prediction is a call to the activations, SAE and task-head services; the SAE's
   and head's configurations (contract, classes, statistics) are read from the store. The loop is the same, and so
   are the numbers, up to float rounding. Errors the services give for bad input (NOT_FOUND, INVALID_ARGUMENT,
@@ -134,9 +134,11 @@ def services_client(spec: ExperimentSpec) -> Iterator[Any]:
         yield None
         return
     from sae_shared.client import ClientError, connect
+    from sae_shared.settings import get_settings
 
-    try:
-        client = connect(spec.services_url)
+    settings = get_settings()
+    try:  # the address comes from the worker's settings, never from the spec (which anyone submitting controls)
+        client = connect(settings.services_url, settings=settings)
     except ClientError as exc:  # no URL and no local stack
         raise PermanentError(f"services: {exc}") from exc
     with client:

@@ -143,14 +143,14 @@ def test_the_experiment_job_via_services_on_a_real_worker(running, store, segmen
     spec, local, _ = segmentation
     monkeypatch.setenv("SAEV_API_KEYS", running.api_key)
     monkeypatch.setenv("SAEV_MAX_REQUEST_BYTES", str(running.settings.max_request_bytes))
+    monkeypatch.setenv("SAEV_SERVICES_URL", f"grpc://{running.grpc_address}")
     get_settings.cache_clear()
     queue = Queue.from_settings(running.settings, "xv" + secrets.token_hex(4), lease_seconds=30)
     worker = Worker(queue, store, ["experiment"], poll_seconds=0.2, max_jobs=1)
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
     try:
-        job = queue.wait(queue.submit("experiment", {
-            **spec, "via": "services", "services_url": f"grpc://{running.grpc_address}"}).id, timeout=300)
+        job = queue.wait(queue.submit("experiment", {**spec, "via": "services"}).id, timeout=300)
         assert job.state is JobState.SUCCEEDED, job.error
         report = store.get_json(f"{job.result['output']}/report.json")
     finally:
