@@ -55,11 +55,16 @@ def read_checkpoint(path: str | Path) -> CheckpointFile:
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        if _HEADER_KEY in meta:
-            header = json.loads(meta[_HEADER_KEY])
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            if _HEADER_KEY in meta:
+                header = json.loads(meta[_HEADER_KEY])
+        except Exception as exc:  # noqa: BLE001 - safetensors' own errors (a pickle or junk named .safetensors)
+            raise ValueError(f"cannot read checkpoint {path} as safetensors: {exc}") from exc
+        if not isinstance(header, dict):
+            raise ValueError(f"checkpoint {path}: its {_HEADER_KEY} metadata is not a JSON object")
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)

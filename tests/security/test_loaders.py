@@ -333,6 +333,6 @@ def test_a_backbone_checkpoint_carrying_code_is_refused_and_not_run(tmp_path):
     assert not marker.exists()
     bad = tmp_path / "weights.safetensors"
     bad.write_bytes(_payload(marker))
-    with pytest.raises(Exception, match="(?i)header|deserializ"):  # safetensors' own SafetensorError
+    with pytest.raises(ValueError, match="cannot read checkpoint .* as safetensors"):
         read_checkpoint(bad)
     assert not marker.exists()
