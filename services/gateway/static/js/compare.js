@@ -35,7 +35,7 @@ export async function renderCompare(root, query) {
     return select;
   };
   const columns = { a: el("div", { class: "col", id: "compare-a" }), b: el("div", { class: "col", id: "compare-b" }) };
-  const left = el("div", { class: "col" });
+  const left = el("div", { class: "col left" });
   root.append(
     el(
       "div",

@@ -90,7 +90,7 @@ export async function renderExplorer(root) {
   const grid = gridOf(saeId);
   const results = el("div", { class: "col", id: "explorer-latents" });
   let canvas = null;
-  const left = el("div", { class: "col" });
+  const left = el("div", { class: "col left" });
   root.append(
     el(
       "div",

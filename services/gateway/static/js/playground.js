@@ -138,7 +138,7 @@ export async function renderPlayground(root, query) {
 
   const results = el("div", { class: "col", id: "intervention-results" });
   const drift = el("div", { class: "panel", id: "drift" });
-  const left = el("div", { class: "col" });
+  const left = el("div", { class: "col left" });
   let canvas = patchCanvas(saeId, grid, () => apply(), { label: "patches to edit" });
   left.append(
     imageChooser(saeId, () => {
