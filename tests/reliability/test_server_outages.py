@@ -150,9 +150,15 @@ def test_s3_stopped_for_ten_seconds_during_recording_and_training(setup):
     inputs = Inputs()
     inputs.write(store, CASES["train"])
     before = {k.rsplit("/", 1)[0] for k in store.list("") if k.endswith("/_manifest.json")}
-    record = queue.submit("record", {**CASES["record"].spec, "max_images": 48}, max_attempts=5, backoff_seconds=1)
-    train = queue.submit("train", {**inputs.spec(CASES["train"]), "steps": 400}, max_attempts=5, backoff_seconds=1)
-    workers.start("--types", "record,train", "--concurrency", "2", lease=LEASE)
+    # Long enough that both still run when the later of the two has saved its first checkpoint, on a quiet machine.
+    record = queue.submit("record", {**CASES["record"].spec, "max_images": 200, "views_per_image": 2}, max_attempts=5,
+                          backoff_seconds=1)
+    train = queue.submit("train", {**inputs.spec(CASES["train"]), "steps": 2000, "checkpoint_every": 100},
+                         max_attempts=5, backoff_seconds=1)
+    # One worker per type: a worker serving both reads one entry per stream and keeps the one it does not start
+    # for its own next claim, so with two slots the second job would wait a lease for a takeover (docs/reliability.md).
+    workers.start("--types", "record", lease=LEASE)
+    workers.start("--types", "train", lease=LEASE)
     reader = Reader(store)
     reader.start()
 
@@ -166,12 +172,13 @@ def test_s3_stopped_for_ten_seconds_during_recording_and_training(setup):
     infra.start("s3")
 
     wait_all(queue, [record, train], timeout=300)
-    reader.stop.set()
-    reader.join(timeout=30)
     record, train = queue.get(record.id), queue.get(train.id)
     assert record.state is JobState.SUCCEEDED, record.error
     assert train.state is JobState.SUCCEEDED, train.error
     outputs = {f"activations/{record.result['acts_id']}", *(f"saes/{i}" for i in train.result["sae_ids"])}
+    wait_for(lambda: outputs <= reader.checked or reader.broken, timeout=60, what="the reader to see the outputs")
+    reader.stop.set()
+    reader.join(timeout=30)
     committed = {k.rsplit("/", 1)[0] for k in store.list("") if k.endswith("/_manifest.json")}
     assert committed - before == outputs
     for prefix in outputs:
@@ -187,4 +194,4 @@ def test_s3_stopped_for_ten_seconds_during_recording_and_training(setup):
     from sae_shared.shards import ShardSet
 
     assert load_sae(f"saes/{train.result['sae_ids'][0]}", store=store).d_sae == CASES["train"].spec["d_sae"]
-    assert ShardSet(store, record.result["acts_id"]).read_shard_full(0).shape[0] == 4
+    assert ShardSet(store, record.result["acts_id"]).read_shard_full(0).shape[0] == 8  # 4 images x 2 views
