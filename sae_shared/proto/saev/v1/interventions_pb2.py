@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from sae_shared.proto.saev.v1 import common_pb2 as saev_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsaev/v1/interventions.proto\x12\x07saev.v1\x1a\x14saev/v1/common.proto\"\xa2\x01\n\x10InterveneRequest\x12\x0e\n\x06sae_id\x18\x01 \x01(\t\x12\x0f\n\x07head_id\x18\x02 \x01(\t\x12\x1e\n\x06images\x18\x03 \x03(\x0b\x32\x0e.saev.v1.Image\x12\"\n\x05\x65\x64its\x18\x04 \x03(\x0b\x32\x13.saev.v1.LatentEdit\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x1a\n\x12return_activations\x18\x06 \x01(\x08\"q\n\nPrediction\x12\x1f\n\x06logits\x18\x01 \x01(\x0b\x32\x0f.saev.v1.Tensor\x12\x1f\n\x06labels\x18\x02 \x01(\x0b\x32\x0f.saev.v1.Tensor\x12!\n\x03top\x18\x03 \x01(\x0b\x32\x14.saev.v1.ClassScores\"\xdd\x01\n\x12InterventionResult\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12#\n\x06\x62\x65\x66ore\x18\x02 \x01(\x0b\x32\x13.saev.v1.Prediction\x12\"\n\x05\x61\x66ter\x18\x03 \x01(\x0b\x32\x13.saev.v1.Prediction\x12\x13\n\x0b\x63hange_rate\x18\x04 \x01(\x02\x12+\n\x12\x61\x63tivations_before\x18\x05 \x01(\x0b\x32\x0f.saev.v1.Tensor\x12*\n\x11\x61\x63tivations_after\x18\x06 \x01(\x0b\x32\x0f.saev.v1.Tensor\"g\n\x11InterveneResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.saev.v1.InterventionResult\x12$\n\x06layout\x18\x02 \x01(\x0b\x32\x14.saev.v1.TokenLayout\"p\n\x1aPreviewInterventionRequest\x12\x0e\n\x06sae_id\x18\x01 \x01(\t\x12\x1e\n\x06images\x18\x02 \x03(\x0b\x32\x0e.saev.v1.Image\x12\"\n\x05\x65\x64its\x18\x03 \x03(\x0b\x32\x13.saev.v1.LatentEdit\"\x81\x01\n\rLatentPreview\x12\x13\n\x0bimage_index\x18\x01 \x01(\x05\x12\x0e\n\x06latent\x18\x02 \x01(\x03\x12%\n\x0c\x63odes_before\x18\x03 \x01(\x0b\x32\x0f.saev.v1.Tensor\x12$\n\x0b\x63odes_after\x18\x04 \x01(\x0b\x32\x0f.saev.v1.Tensor\"m\n\x1bPreviewInterventionResponse\x12(\n\x08previews\x18\x01 \x03(\x0b\x32\x16.saev.v1.LatentPreview\x12$\n\x06layout\x18\x02 \x01(\x0b\x32\x14.saev.v1.TokenLayout2\xb5\x01\n\rInterventions\x12\x42\n\tIntervene\x12\x19.saev.v1.InterveneRequest\x1a\x1a.saev.v1.InterveneResponse\x12`\n\x13PreviewIntervention\x12#.saev.v1.PreviewInterventionRequest\x1a$.saev.v1.PreviewInterventionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsaev/v1/interventions.proto\x12\x07saev.v1\x1a\x14saev/v1/common.proto\"\xa2\x01\n\x10InterveneRequest\x12\x0e\n\x06sae_id\x18\x01 \x01(\t\x12\x0f\n\x07head_id\x18\x02 \x01(\t\x12\x1e\n\x06images\x18\x03 \x03(\x0b\x32\x0e.saev.v1.Image\x12\"\n\x05\x65\x64its\x18\x04 \x03(\x0b\x32\x13.saev.v1.LatentEdit\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x1a\n\x12return_activations\x18\x06 \x01(\x08\"q\n\nPrediction\x12\x1f\n\x06logits\x18\x01 \x01(\x0b\x32\x0f.saev.v1.Tensor\x12\x1f\n\x06labels\x18\x02 \x01(\x0b\x32\x0f.saev.v1.Tensor\x12!\n\x03top\x18\x03 \x01(\x0b\x32\x14.saev.v1.ClassScores\"\x85\x02\n\x12InterventionResult\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12#\n\x06\x62\x65\x66ore\x18\x02 \x01(\x0b\x32\x13.saev.v1.Prediction\x12\"\n\x05\x61\x66ter\x18\x03 \x01(\x0b\x32\x13.saev.v1.Prediction\x12\x13\n\x0b\x63hange_rate\x18\x04 \x01(\x02\x12+\n\x12\x61\x63tivations_before\x18\x05 \x01(\x0b\x32\x0f.saev.v1.Tensor\x12*\n\x11\x61\x63tivations_after\x18\x06 \x01(\x0b\x32\x0f.saev.v1.Tensor\x12&\n\x05\x64rift\x18\x07 \x01(\x0b\x32\x17.saev.v1.OffTargetDrift\"g\n\x11InterveneResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.saev.v1.InterventionResult\x12$\n\x06layout\x18\x02 \x01(\x0b\x32\x14.saev.v1.TokenLayout\"p\n\x1aPreviewInterventionRequest\x12\x0e\n\x06sae_id\x18\x01 \x01(\t\x12\x1e\n\x06images\x18\x02 \x03(\x0b\x32\x0e.saev.v1.Image\x12\"\n\x05\x65\x64its\x18\x03 \x03(\x0b\x32\x13.saev.v1.LatentEdit\"\x81\x01\n\rLatentPreview\x12\x13\n\x0bimage_index\x18\x01 \x01(\x05\x12\x0e\n\x06latent\x18\x02 \x01(\x03\x12%\n\x0c\x63odes_before\x18\x03 \x01(\x0b\x32\x0f.saev.v1.Tensor\x12$\n\x0b\x63odes_after\x18\x04 \x01(\x0b\x32\x0f.saev.v1.Tensor\"m\n\x1bPreviewInterventionResponse\x12(\n\x08previews\x18\x01 \x03(\x0b\x32\x16.saev.v1.LatentPreview\x12$\n\x06layout\x18\x02 \x01(\x0b\x32\x14.saev.v1.TokenLayout2\xb5\x01\n\rInterventions\x12\x42\n\tIntervene\x12\x19.saev.v1.InterveneRequest\x1a\x1a.saev.v1.InterveneResponse\x12`\n\x13PreviewIntervention\x12#.saev.v1.PreviewInterventionRequest\x1a$.saev.v1.PreviewInterventionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,15 +37,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTION']._serialized_start=227
   _globals['_PREDICTION']._serialized_end=340
   _globals['_INTERVENTIONRESULT']._serialized_start=343
-  _globals['_INTERVENTIONRESULT']._serialized_end=564
-  _globals['_INTERVENERESPONSE']._serialized_start=566
-  _globals['_INTERVENERESPONSE']._serialized_end=669
-  _globals['_PREVIEWINTERVENTIONREQUEST']._serialized_start=671
-  _globals['_PREVIEWINTERVENTIONREQUEST']._serialized_end=783
-  _globals['_LATENTPREVIEW']._serialized_start=786
-  _globals['_LATENTPREVIEW']._serialized_end=915
-  _globals['_PREVIEWINTERVENTIONRESPONSE']._serialized_start=917
-  _globals['_PREVIEWINTERVENTIONRESPONSE']._serialized_end=1026
-  _globals['_INTERVENTIONS']._serialized_start=1029
-  _globals['_INTERVENTIONS']._serialized_end=1210
+  _globals['_INTERVENTIONRESULT']._serialized_end=604
+  _globals['_INTERVENERESPONSE']._serialized_start=606
+  _globals['_INTERVENERESPONSE']._serialized_end=709
+  _globals['_PREVIEWINTERVENTIONREQUEST']._serialized_start=711
+  _globals['_PREVIEWINTERVENTIONREQUEST']._serialized_end=823
+  _globals['_LATENTPREVIEW']._serialized_start=826
+  _globals['_LATENTPREVIEW']._serialized_end=955
+  _globals['_PREVIEWINTERVENTIONRESPONSE']._serialized_start=957
+  _globals['_PREVIEWINTERVENTIONRESPONSE']._serialized_end=1066
+  _globals['_INTERVENTIONS']._serialized_start=1069
+  _globals['_INTERVENTIONS']._serialized_end=1250
 # @@protoc_insertion_point(module_scope)

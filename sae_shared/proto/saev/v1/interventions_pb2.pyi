@@ -34,20 +34,22 @@ class Prediction(_message.Message):
     def __init__(self, logits: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., labels: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., top: _Optional[_Union[_common_pb2.ClassScores, _Mapping]] = ...) -> None: ...
 
 class InterventionResult(_message.Message):
-    __slots__ = ("image_id", "before", "after", "change_rate", "activations_before", "activations_after")
+    __slots__ = ("image_id", "before", "after", "change_rate", "activations_before", "activations_after", "drift")
     IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
     BEFORE_FIELD_NUMBER: _ClassVar[int]
     AFTER_FIELD_NUMBER: _ClassVar[int]
     CHANGE_RATE_FIELD_NUMBER: _ClassVar[int]
     ACTIVATIONS_BEFORE_FIELD_NUMBER: _ClassVar[int]
     ACTIVATIONS_AFTER_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_FIELD_NUMBER: _ClassVar[int]
     image_id: str
     before: Prediction
     after: Prediction
     change_rate: float
     activations_before: _common_pb2.Tensor
     activations_after: _common_pb2.Tensor
-    def __init__(self, image_id: _Optional[str] = ..., before: _Optional[_Union[Prediction, _Mapping]] = ..., after: _Optional[_Union[Prediction, _Mapping]] = ..., change_rate: _Optional[float] = ..., activations_before: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., activations_after: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    drift: _common_pb2.OffTargetDrift
+    def __init__(self, image_id: _Optional[str] = ..., before: _Optional[_Union[Prediction, _Mapping]] = ..., after: _Optional[_Union[Prediction, _Mapping]] = ..., change_rate: _Optional[float] = ..., activations_before: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., activations_after: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., drift: _Optional[_Union[_common_pb2.OffTargetDrift, _Mapping]] = ...) -> None: ...
 
 class InterveneResponse(_message.Message):
     __slots__ = ("results", "layout")

@@ -25,39 +25,39 @@ _sym_db = _symbol_database.Default()
 from sae_shared.proto.saev.v1 import common_pb2 as saev_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11saev/v1/sae.proto\x12\x07saev.v1\x1a\x14saev/v1/common.proto\"\xae\x01\n\x07SAEInfo\x12\x0e\n\x06sae_id\x18\x01 \x01(\t\x12\x13\n\x0b\x62\x61\x63kbone_id\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\x05\x12\x0f\n\x07\x64_model\x18\x04 \x01(\x05\x12\r\n\x05\x64_sae\x18\x05 \x01(\x03\x12\x14\n\x0c\x61rchitecture\x18\x06 \x01(\t\x12\'\n\x06tokens\x18\x07 \x01(\x0e\x32\x17.saev.v1.TokenSelection\x12\x10\n\x08\x61nalyzed\x18\x08 \x01(\x08\"T\n\rEncodeRequest\x12\x0e\n\x06sae_id\x18\x01 \x01(\t\x12$\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x0f.saev.v1.Tensor\x12\r\n\x05\x64\x65nse\x18\x03 \x01(\x08\"c\n\x0e\x45ncodeResponse\x12&\n\x06sparse\x18\x01 \x01(\x0b\x32\x14.saev.v1.SparseCodesH\x00\x12 \n\x05\x64\x65nse\x18\x02 \x01(\x0b\x32\x0f.saev.v1.TensorH\x00\x42\x07\n\x05\x63odes\"r\n\rDecodeRequest\x12\x0e\n\x06sae_id\x18\x01 \x01(\t\x12&\n\x06sparse\x18\x02 \x01(\x0b\x32\x14.saev.v1.SparseCodesH\x00\x12 \n\x05\x64\x65nse\x18\x03 \x01(\x0b\x32\x0f.saev.v1.TensorH\x00\x42\x07\n\x05\x63odes\"9\n\x0e\x44\x65\x63odeResponse\x12\'\n\x0ereconstruction\x18\x01 \x01(\x0b\x32\x0f.saev.v1.Tensor\"\xa3\x01\n\x0b\x45\x64itRequest\x12\x0e\n\x06sae_id\x18\x01 \x01(\t\x12$\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x0f.saev.v1.Tensor\x12$\n\x06layout\x18\x03 \x01(\x0b\x32\x14.saev.v1.TokenLayout\x12\"\n\x05\x65\x64its\x18\x04 \x03(\x0b\x32\x13.saev.v1.LatentEdit\x12\x14\n\x0creturn_codes\x18\x05 \x01(\x08\"\x92\x01\n\x0c\x45\x64itResponse\x12+\n\x12\x65\x64ited_activations\x18\x01 \x01(\x0b\x32\x0f.saev.v1.Tensor\x12*\n\x0c\x63odes_before\x18\x02 \x01(\x0b\x32\x14.saev.v1.SparseCodes\x12)\n\x0b\x63odes_after\x18\x03 \x01(\x0b\x32\x14.saev.v1.SparseCodes\"\xd5\x01\n\x12TopFeaturesRequest\x12\x0e\n\x06sae_id\x18\x01 \x01(\t\x12$\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x0f.saev.v1.Tensor\x12$\n\x06layout\x18\x03 \x01(\x0b\x32\x14.saev.v1.TokenLayout\x12\t\n\x01k\x18\x04 \x01(\x05\x12.\n\x0b\x61ggregation\x18\x05 \x01(\x0e\x32\x19.saev.v1.TokenAggregation\x12(\n\x07patches\x18\x06 \x01(\x0b\x32\x17.saev.v1.PatchSelection\"9\n\x10ImageTopFeatures\x12%\n\x07latents\x18\x01 \x03(\x0b\x32\x14.saev.v1.LatentScore\"@\n\x13TopFeaturesResponse\x12)\n\x06images\x18\x01 \x03(\x0b\x32\x19.saev.v1.ImageTopFeatures\"D\n\x0fListSAEsRequest\x12\x13\n\x0b\x62\x61\x63kbone_id\x18\x01 \x01(\t\x12\x12\n\x05layer\x18\x02 \x01(\x05H\x00\x88\x01\x01\x42\x08\n\x06_layer\"2\n\x10ListSAEsResponse\x12\x1e\n\x04saes\x18\x01 \x03(\x0b\x32\x10.saev.v1.SAEInfo*\x87\x01\n\x10TokenAggregation\x12!\n\x1dTOKEN_AGGREGATION_UNSPECIFIED\x10\x00\x12\x19\n\x15TOKEN_AGGREGATION_MAX\x10\x01\x12\x1a\n\x16TOKEN_AGGREGATION_MEAN\x10\x02\x12\x19\n\x15TOKEN_AGGREGATION_SUM\x10\x03\x32\xbb\x02\n\x03SAE\x12\x39\n\x06\x45ncode\x12\x16.saev.v1.EncodeRequest\x1a\x17.saev.v1.EncodeResponse\x12\x39\n\x06\x44\x65\x63ode\x12\x16.saev.v1.DecodeRequest\x1a\x17.saev.v1.DecodeResponse\x12\x33\n\x04\x45\x64it\x12\x14.saev.v1.EditRequest\x1a\x15.saev.v1.EditResponse\x12H\n\x0bTopFeatures\x12\x1b.saev.v1.TopFeaturesRequest\x1a\x1c.saev.v1.TopFeaturesResponse\x12?\n\x08ListSAEs\x12\x18.saev.v1.ListSAEsRequest\x1a\x19.saev.v1.ListSAEsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11saev/v1/sae.proto\x12\x07saev.v1\x1a\x14saev/v1/common.proto\"\xc6\x01\n\x07SAEInfo\x12\x0e\n\x06sae_id\x18\x01 \x01(\t\x12\x13\n\x0b\x62\x61\x63kbone_id\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\x05\x12\x0f\n\x07\x64_model\x18\x04 \x01(\x05\x12\r\n\x05\x64_sae\x18\x05 \x01(\x03\x12\x14\n\x0c\x61rchitecture\x18\x06 \x01(\t\x12\'\n\x06tokens\x18\x07 \x01(\x0e\x32\x17.saev.v1.TokenSelection\x12\x10\n\x08\x61nalyzed\x18\x08 \x01(\x08\x12\x16\n\x0ehas_statistics\x18\t \x01(\x08\"T\n\rEncodeRequest\x12\x0e\n\x06sae_id\x18\x01 \x01(\t\x12$\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x0f.saev.v1.Tensor\x12\r\n\x05\x64\x65nse\x18\x03 \x01(\x08\"c\n\x0e\x45ncodeResponse\x12&\n\x06sparse\x18\x01 \x01(\x0b\x32\x14.saev.v1.SparseCodesH\x00\x12 \n\x05\x64\x65nse\x18\x02 \x01(\x0b\x32\x0f.saev.v1.TensorH\x00\x42\x07\n\x05\x63odes\"r\n\rDecodeRequest\x12\x0e\n\x06sae_id\x18\x01 \x01(\t\x12&\n\x06sparse\x18\x02 \x01(\x0b\x32\x14.saev.v1.SparseCodesH\x00\x12 \n\x05\x64\x65nse\x18\x03 \x01(\x0b\x32\x0f.saev.v1.TensorH\x00\x42\x07\n\x05\x63odes\"9\n\x0e\x44\x65\x63odeResponse\x12\'\n\x0ereconstruction\x18\x01 \x01(\x0b\x32\x0f.saev.v1.Tensor\"\xb9\x01\n\x0b\x45\x64itRequest\x12\x0e\n\x06sae_id\x18\x01 \x01(\t\x12$\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x0f.saev.v1.Tensor\x12$\n\x06layout\x18\x03 \x01(\x0b\x32\x14.saev.v1.TokenLayout\x12\"\n\x05\x65\x64its\x18\x04 \x03(\x0b\x32\x13.saev.v1.LatentEdit\x12\x14\n\x0creturn_codes\x18\x05 \x01(\x08\x12\x14\n\x0creturn_drift\x18\x06 \x01(\x08\"\xba\x01\n\x0c\x45\x64itResponse\x12+\n\x12\x65\x64ited_activations\x18\x01 \x01(\x0b\x32\x0f.saev.v1.Tensor\x12*\n\x0c\x63odes_before\x18\x02 \x01(\x0b\x32\x14.saev.v1.SparseCodes\x12)\n\x0b\x63odes_after\x18\x03 \x01(\x0b\x32\x14.saev.v1.SparseCodes\x12&\n\x05\x64rift\x18\x04 \x03(\x0b\x32\x17.saev.v1.OffTargetDrift\"\xd5\x01\n\x12TopFeaturesRequest\x12\x0e\n\x06sae_id\x18\x01 \x01(\t\x12$\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x0f.saev.v1.Tensor\x12$\n\x06layout\x18\x03 \x01(\x0b\x32\x14.saev.v1.TokenLayout\x12\t\n\x01k\x18\x04 \x01(\x05\x12.\n\x0b\x61ggregation\x18\x05 \x01(\x0e\x32\x19.saev.v1.TokenAggregation\x12(\n\x07patches\x18\x06 \x01(\x0b\x32\x17.saev.v1.PatchSelection\"9\n\x10ImageTopFeatures\x12%\n\x07latents\x18\x01 \x03(\x0b\x32\x14.saev.v1.LatentScore\"@\n\x13TopFeaturesResponse\x12)\n\x06images\x18\x01 \x03(\x0b\x32\x19.saev.v1.ImageTopFeatures\"D\n\x0fListSAEsRequest\x12\x13\n\x0b\x62\x61\x63kbone_id\x18\x01 \x01(\t\x12\x12\n\x05layer\x18\x02 \x01(\x05H\x00\x88\x01\x01\x42\x08\n\x06_layer\"2\n\x10ListSAEsResponse\x12\x1e\n\x04saes\x18\x01 \x03(\x0b\x32\x10.saev.v1.SAEInfo*\x87\x01\n\x10TokenAggregation\x12!\n\x1dTOKEN_AGGREGATION_UNSPECIFIED\x10\x00\x12\x19\n\x15TOKEN_AGGREGATION_MAX\x10\x01\x12\x1a\n\x16TOKEN_AGGREGATION_MEAN\x10\x02\x12\x19\n\x15TOKEN_AGGREGATION_SUM\x10\x03\x32\xbb\x02\n\x03SAE\x12\x39\n\x06\x45ncode\x12\x16.saev.v1.EncodeRequest\x1a\x17.saev.v1.EncodeResponse\x12\x39\n\x06\x44\x65\x63ode\x12\x16.saev.v1.DecodeRequest\x1a\x17.saev.v1.DecodeResponse\x12\x33\n\x04\x45\x64it\x12\x14.saev.v1.EditRequest\x1a\x15.saev.v1.EditResponse\x12H\n\x0bTopFeatures\x12\x1b.saev.v1.TopFeaturesRequest\x1a\x1c.saev.v1.TopFeaturesResponse\x12?\n\x08ListSAEs\x12\x18.saev.v1.ListSAEsRequest\x1a\x19.saev.v1.ListSAEsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sae_shared.proto.saev.v1.sae_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOKENAGGREGATION']._serialized_start=1370
-  _globals['_TOKENAGGREGATION']._serialized_end=1505
+  _globals['_TOKENAGGREGATION']._serialized_start=1456
+  _globals['_TOKENAGGREGATION']._serialized_end=1591
   _globals['_SAEINFO']._serialized_start=53
-  _globals['_SAEINFO']._serialized_end=227
-  _globals['_ENCODEREQUEST']._serialized_start=229
-  _globals['_ENCODEREQUEST']._serialized_end=313
-  _globals['_ENCODERESPONSE']._serialized_start=315
-  _globals['_ENCODERESPONSE']._serialized_end=414
-  _globals['_DECODEREQUEST']._serialized_start=416
-  _globals['_DECODEREQUEST']._serialized_end=530
-  _globals['_DECODERESPONSE']._serialized_start=532
-  _globals['_DECODERESPONSE']._serialized_end=589
-  _globals['_EDITREQUEST']._serialized_start=592
-  _globals['_EDITREQUEST']._serialized_end=755
-  _globals['_EDITRESPONSE']._serialized_start=758
-  _globals['_EDITRESPONSE']._serialized_end=904
-  _globals['_TOPFEATURESREQUEST']._serialized_start=907
-  _globals['_TOPFEATURESREQUEST']._serialized_end=1120
-  _globals['_IMAGETOPFEATURES']._serialized_start=1122
-  _globals['_IMAGETOPFEATURES']._serialized_end=1179
-  _globals['_TOPFEATURESRESPONSE']._serialized_start=1181
-  _globals['_TOPFEATURESRESPONSE']._serialized_end=1245
-  _globals['_LISTSAESREQUEST']._serialized_start=1247
-  _globals['_LISTSAESREQUEST']._serialized_end=1315
-  _globals['_LISTSAESRESPONSE']._serialized_start=1317
-  _globals['_LISTSAESRESPONSE']._serialized_end=1367
-  _globals['_SAE']._serialized_start=1508
-  _globals['_SAE']._serialized_end=1823
+  _globals['_SAEINFO']._serialized_end=251
+  _globals['_ENCODEREQUEST']._serialized_start=253
+  _globals['_ENCODEREQUEST']._serialized_end=337
+  _globals['_ENCODERESPONSE']._serialized_start=339
+  _globals['_ENCODERESPONSE']._serialized_end=438
+  _globals['_DECODEREQUEST']._serialized_start=440
+  _globals['_DECODEREQUEST']._serialized_end=554
+  _globals['_DECODERESPONSE']._serialized_start=556
+  _globals['_DECODERESPONSE']._serialized_end=613
+  _globals['_EDITREQUEST']._serialized_start=616
+  _globals['_EDITREQUEST']._serialized_end=801
+  _globals['_EDITRESPONSE']._serialized_start=804
+  _globals['_EDITRESPONSE']._serialized_end=990
+  _globals['_TOPFEATURESREQUEST']._serialized_start=993
+  _globals['_TOPFEATURESREQUEST']._serialized_end=1206
+  _globals['_IMAGETOPFEATURES']._serialized_start=1208
+  _globals['_IMAGETOPFEATURES']._serialized_end=1265
+  _globals['_TOPFEATURESRESPONSE']._serialized_start=1267
+  _globals['_TOPFEATURESRESPONSE']._serialized_end=1331
+  _globals['_LISTSAESREQUEST']._serialized_start=1333
+  _globals['_LISTSAESREQUEST']._serialized_end=1401
+  _globals['_LISTSAESRESPONSE']._serialized_start=1403
+  _globals['_LISTSAESRESPONSE']._serialized_end=1453
+  _globals['_SAE']._serialized_start=1594
+  _globals['_SAE']._serialized_end=1909
 # @@protoc_insertion_point(module_scope)

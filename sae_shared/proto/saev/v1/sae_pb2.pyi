@@ -20,7 +20,7 @@ TOKEN_AGGREGATION_MEAN: TokenAggregation
 TOKEN_AGGREGATION_SUM: TokenAggregation
 
 class SAEInfo(_message.Message):
-    __slots__ = ("sae_id", "backbone_id", "layer", "d_model", "d_sae", "architecture", "tokens", "analyzed")
+    __slots__ = ("sae_id", "backbone_id", "layer", "d_model", "d_sae", "architecture", "tokens", "analyzed", "has_statistics")
     SAE_ID_FIELD_NUMBER: _ClassVar[int]
     BACKBONE_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,7 @@ class SAEInfo(_message.Message):
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     ANALYZED_FIELD_NUMBER: _ClassVar[int]
+    HAS_STATISTICS_FIELD_NUMBER: _ClassVar[int]
     sae_id: str
     backbone_id: str
     layer: int
@@ -37,7 +38,8 @@ class SAEInfo(_message.Message):
     architecture: str
     tokens: _common_pb2.TokenSelection
     analyzed: bool
-    def __init__(self, sae_id: _Optional[str] = ..., backbone_id: _Optional[str] = ..., layer: _Optional[int] = ..., d_model: _Optional[int] = ..., d_sae: _Optional[int] = ..., architecture: _Optional[str] = ..., tokens: _Optional[_Union[_common_pb2.TokenSelection, str]] = ..., analyzed: _Optional[bool] = ...) -> None: ...
+    has_statistics: bool
+    def __init__(self, sae_id: _Optional[str] = ..., backbone_id: _Optional[str] = ..., layer: _Optional[int] = ..., d_model: _Optional[int] = ..., d_sae: _Optional[int] = ..., architecture: _Optional[str] = ..., tokens: _Optional[_Union[_common_pb2.TokenSelection, str]] = ..., analyzed: _Optional[bool] = ..., has_statistics: _Optional[bool] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
     __slots__ = ("sae_id", "activations", "dense")
@@ -74,28 +76,32 @@ class DecodeResponse(_message.Message):
     def __init__(self, reconstruction: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class EditRequest(_message.Message):
-    __slots__ = ("sae_id", "activations", "layout", "edits", "return_codes")
+    __slots__ = ("sae_id", "activations", "layout", "edits", "return_codes", "return_drift")
     SAE_ID_FIELD_NUMBER: _ClassVar[int]
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     EDITS_FIELD_NUMBER: _ClassVar[int]
     RETURN_CODES_FIELD_NUMBER: _ClassVar[int]
+    RETURN_DRIFT_FIELD_NUMBER: _ClassVar[int]
     sae_id: str
     activations: _common_pb2.Tensor
     layout: _common_pb2.TokenLayout
     edits: _containers.RepeatedCompositeFieldContainer[_common_pb2.LatentEdit]
     return_codes: bool
-    def __init__(self, sae_id: _Optional[str] = ..., activations: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., layout: _Optional[_Union[_common_pb2.TokenLayout, _Mapping]] = ..., edits: _Optional[_Iterable[_Union[_common_pb2.LatentEdit, _Mapping]]] = ..., return_codes: _Optional[bool] = ...) -> None: ...
+    return_drift: bool
+    def __init__(self, sae_id: _Optional[str] = ..., activations: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., layout: _Optional[_Union[_common_pb2.TokenLayout, _Mapping]] = ..., edits: _Optional[_Iterable[_Union[_common_pb2.LatentEdit, _Mapping]]] = ..., return_codes: _Optional[bool] = ..., return_drift: _Optional[bool] = ...) -> None: ...
 
 class EditResponse(_message.Message):
-    __slots__ = ("edited_activations", "codes_before", "codes_after")
+    __slots__ = ("edited_activations", "codes_before", "codes_after", "drift")
     EDITED_ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     CODES_BEFORE_FIELD_NUMBER: _ClassVar[int]
     CODES_AFTER_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_FIELD_NUMBER: _ClassVar[int]
     edited_activations: _common_pb2.Tensor
     codes_before: _common_pb2.SparseCodes
     codes_after: _common_pb2.SparseCodes
-    def __init__(self, edited_activations: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., codes_before: _Optional[_Union[_common_pb2.SparseCodes, _Mapping]] = ..., codes_after: _Optional[_Union[_common_pb2.SparseCodes, _Mapping]] = ...) -> None: ...
+    drift: _containers.RepeatedCompositeFieldContainer[_common_pb2.OffTargetDrift]
+    def __init__(self, edited_activations: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., codes_before: _Optional[_Union[_common_pb2.SparseCodes, _Mapping]] = ..., codes_after: _Optional[_Union[_common_pb2.SparseCodes, _Mapping]] = ..., drift: _Optional[_Iterable[_Union[_common_pb2.OffTargetDrift, _Mapping]]] = ...) -> None: ...
 
 class TopFeaturesRequest(_message.Message):
     __slots__ = ("sae_id", "activations", "layout", "k", "aggregation", "patches")

@@ -17,21 +17,6 @@ export async function loadCatalog() {
   const [saes, backbones] = await Promise.all([api("/v1/saes"), api("/v1/backbones").catch(() => ({ backbones: [] }))]);
   state.saes = saes.saes || [];
   state.backbones = Object.fromEntries((backbones.backbones || []).map((b) => [b.backbone_id, b]));
-  // SAEInfo.analyzed says the SAE has statistics; whether a feature analysis (exemplars, images) exists is asked
-  // of the analysis routes themselves (404 when there is none).
-  const MAX_PROBES = 32;
-  await Promise.all(
-    state.saes
-      .filter((s) => s.analyzed)
-      .slice(0, MAX_PROBES)
-      .map(async (s) => {
-        try {
-          await api(`/v1/saes/${enc(s.sae_id)}/images`, { query: { limit: 1 } });
-        } catch (err) {
-          if (err.status === 404) s.analyzed = false;
-        }
-      }),
-  );
   const fromUrl = new URLSearchParams(location.search).get("sae");
   if (fromUrl && state.saes.some((s) => s.sae_id === fromUrl)) state.saeId = fromUrl;
   if (!state.saeId && state.saes.length) state.saeId = (state.saes.find((s) => s.analyzed) || state.saes[0]).sae_id;
