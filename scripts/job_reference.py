@@ -45,7 +45,7 @@ each bad field is named with what to change) and then run by a worker (`saevctl 
 
 - from the CLI: each type has a command whose options are the fields below (`saevctl train --help`), or
   `saevctl jobs submit TYPE --spec @FILE.json` with a JSON object;
-- over HTTP: `POST /v1/jobs` with `{"type": "TRAIN", "spec_json": "{...}"}` (docs/api.md, Jobs);
+- over HTTP: `POST /v1/jobs` with `{"type": "JOB_TYPE_TRAIN", "spec_json": "{...}"}` (docs/api.md, Jobs);
 - from Python: `sae_shared.queue.Queue.submit(type, spec)`, or `submit_job(type, spec)` of `sae_shared.client`'s client through the
   gateway.
 
