@@ -19,17 +19,17 @@ import ray
 from sae_shared.client import ClientError, RetryPolicy, connect
 from sae_shared.codec import csr_to_dense
 
-
-def _replica_names() -> list[str]:
-    """Named actors of the SAE deployment's replicas (a replacement gets a new name)."""
-    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "sae#SAE" in a["name"]]
-
 DEADLINE = 1.5
 """Seconds each call may take (the client's deadline per attempt): shorter than Serve takes to start a replica
 (a new process that imports torch and loads the SAE), so calls made in the gap reach it."""
 SLACK = 3.0
 """What a loaded machine may add to a deadline before the client sees it."""
 RETRYABLE = {"UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
+
+
+def _replica_names() -> list[str]:
+    """Named actors of the SAE deployment's replicas (a replacement gets a new name)."""
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "sae#SAE" in a["name"]]
 
 
 def test_killed_sae_replica_is_replaced_and_calls_in_the_gap_fail_fast_or_retry_to_success(running, sae):
