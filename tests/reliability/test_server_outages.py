@@ -105,12 +105,15 @@ def test_redis_killed_and_restarted_loses_no_job_and_completes_none_twice(setup)
         assert len(ends) == 1, f"{job.type} job {job.id} completed {len(ends)} times"
         assert ends[0]["epoch"] == done.winner_epoch
         assert store.get_json(f"jobs/{job.id}/result.json")["epoch"] == done.winner_epoch
-        for prefix in (done.result.get("sae_ids") and [f"saes/{i}" for i in done.result["sae_ids"]]) or \
-                [job.spec["artifact_prefix"]]:
+        prefixes = [f"saes/{i}" for i in done.result["sae_ids"]] if job.type == "train" else [job.spec["artifact_prefix"]]
+        for prefix in prefixes:
             manifest = store.open_artifact(prefix, verify="sha256")
             assert manifest["extra"]["produced_by"] == {"job_id": job.id, "type": job.type,
                                                         "epoch": done.winner_epoch}
     assert len({tuple(queue.get(j.id).result["sae_ids"]) for j in train}) == 2
+    # The outage reached the workers: running jobs' heartbeats (or idle slots' claims) failed and were retried.
+    msgs = {r.get("msg") for w in group for r in w.records()}
+    assert msgs & {"heartbeat failed; retrying", "Redis unreachable; retrying"}, msgs
     for w in group:
         w.signal(signal.SIGTERM)
         assert w.wait(timeout=30) == 0
