@@ -105,7 +105,8 @@ def test_redis_killed_and_restarted_loses_no_job_and_completes_none_twice(setup)
         assert len(ends) == 1, f"{job.type} job {job.id} completed {len(ends)} times"
         assert ends[0]["epoch"] == done.winner_epoch
         assert store.get_json(f"jobs/{job.id}/result.json")["epoch"] == done.winner_epoch
-        prefixes = [f"saes/{i}" for i in done.result["sae_ids"]] if job.type == "train" else [job.spec["artifact_prefix"]]
+        prefixes = ([f"saes/{i}" for i in done.result["sae_ids"]] if job.type == "train"
+                    else [job.spec["artifact_prefix"]])
         for prefix in prefixes:
             manifest = store.open_artifact(prefix, verify="sha256")
             assert manifest["extra"]["produced_by"] == {"job_id": job.id, "type": job.type,
@@ -186,7 +187,8 @@ def test_s3_stopped_for_ten_seconds_during_recording_and_training(setup):
     assert committed - before == outputs
     for prefix in outputs:
         store.open_artifact(prefix, verify="sha256")
-    stray = [k for k in store.list("") if not k.startswith("jobs/") and not any(k.startswith(p + "/") for p in committed)]
+    stray = [k for k in store.list("") if not k.startswith("jobs/")
+             and not any(k.startswith(p + "/") for p in committed)]
     assert stray == []
     assert reader.broken == [] and outputs <= reader.checked
     retried = [r for w in workers.started for r in w.records()
