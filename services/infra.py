@@ -317,7 +317,7 @@ class LocalInfra:
             "--port", str(port),
             "--dir", str(data),
             "--appendonly", "yes",
-            "--appendfsync", "everysec",
+            "--appendfsync", "always",  # every acknowledged queue write survives a crash (docs/reliability.md)
             "--save", "",
             "--protected-mode", "yes",
             "--daemonize", "no",
