@@ -723,6 +723,7 @@ class Queue:
         self._reclaim_cursor: dict[str, str] = {}
         self._next_reclaim = 0.0
         self._unread: dict[str, list[tuple[str, str, str]]] = {}
+        self._rotation = 0  # which type a claim looks at first (round robin, so no type starves another)
         """consumer -> entries it read from a stream but has not tried to claim yet (stream, entry, job id)."""
 
     @classmethod
@@ -1023,18 +1024,22 @@ class Queue:
                 lease = self.reclaim(consumer, types, worker)
                 if lease:
                     return lease
+            # New entries, one type at a time from a rotating start, without blocking: a read of several streams
+            # at once returns one entry per stream, and the entries not started would wait for this consumer
+            # (others take them only after a lease), while another slot may be free.
+            start = self._rotation % len(types)
+            self._rotation += 1
+            for job_type in types[start:] + types[:start]:
+                for stream, rows in self._read_new(consumer, {self.stream_key(job_type): ">"}, types, None) or []:
+                    for entry_id, fields in rows:
+                        lease = self._try_entry(stream, entry_id, fields.get("id", ""), consumer, worker)
+                        if lease:
+                            return lease
             # Wait for a new entry, but no longer than until the next retry is due (then promote it).
             block = min(deadline - time.monotonic(), 10.0)  # well under the client's socket timeout
             if next_due is not None:
                 block = min(block, next_due + 0.002)
-            try:
-                reply = self.client.xreadgroup(GROUP, consumer, streams, count=1, block=max(1, int(block * 1000)))
-            except self._redis.ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                for job_type in types:  # Redis lost its data (no persistence?): recreate the groups
-                    self._ensure_group(job_type, force=True)
-                reply = None
+            reply = self._read_new(consumer, streams, types, max(1, int(block * 1000)))
             self._unread[consumer] = pending = [
                 (stream, entry_id, fields.get("id", "")) for stream, rows in (reply or []) for entry_id, fields in rows
             ]
@@ -1045,6 +1050,17 @@ class Queue:
                     return lease
             if time.monotonic() >= deadline:
                 return None
+
+    def _read_new(self, consumer: str, streams: dict[str, str], types: list[str], block_ms: int | None):
+        """``XREADGROUP COUNT 1`` of ``streams`` (blocking up to ``block_ms``, or not at all when None)."""
+        try:
+            return self.client.xreadgroup(GROUP, consumer, streams, count=1, block=block_ms)
+        except self._redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            for job_type in types:  # Redis lost its data (no persistence?): recreate the groups
+                self._ensure_group(job_type, force=True)
+            return None
 
     def unread(self, consumer: str) -> int:
         """Hand back entries ``consumer`` read but did not start (call when a worker stops). Returns how many."""

@@ -221,6 +221,32 @@ def test_each_job_is_claimed_once_by_concurrent_consumers(queue):
 # ------------------------------------------------------------------------------------------ retries, cancel
 
 
+TRAIN = {"acts_id": "a", "layer": 0, "d_sae": 8, "steps": 1}
+
+
+def test_a_claim_over_several_types_takes_one_job_and_leaves_the_others_to_any_slot(queue):
+    """Jobs of two types waiting: one slot's claim takes one, and another slot gets the other at once (not after a
+    lease, as when one read took an entry of each type for the first slot)."""
+    jobs = {queue.submit("count", {}).id, queue.submit("train", TRAIN).id}
+    first = _claim(queue, "slot-1", types=("count", "train"))
+    second = _claim(queue, "slot-2", types=("count", "train"))
+    assert first is not None and second is not None
+    assert {first.job_id, second.job_id} == jobs
+
+
+def test_a_slot_serving_several_types_alternates_between_them(queue):
+    counts = [queue.submit("count", {"seed": str(i)}).id for i in range(3)]
+    trains = [queue.submit("train", {**TRAIN, "seed": i}).id for i in range(3)]
+    order = []
+    for _ in range(6):
+        lease = _claim(queue, "slot", types=("count", "train"))
+        order.append(lease.job_id)
+        queue.complete(lease, {})
+    kinds = ["count" if j in counts else "train" for j in order]
+    assert kinds in (["count", "train"] * 3, ["train", "count"] * 3)
+    assert [j for j in order if j in counts] == counts and [j for j in order if j in trains] == trains  # FIFO
+
+
 def test_failed_attempts_are_retried_with_backoff_then_dead_lettered(queue):
     job = queue.submit("count", {}, max_attempts=3, backoff_seconds=0.2, max_backoff_seconds=0.3)
     delays = []
