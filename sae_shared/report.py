@@ -127,8 +127,8 @@ def build_report(store, run: dict[str, Any]) -> dict[str, Any]:
         "layer": run["layer"], "d_sae": run["d_sae"], "token_budget": run["token_budget"],
         "jobs_seconds": run.get("jobs_seconds"),
         "best": {k: v for k, v in best.items()}, "sae_cfg": cfg, "members": members, "histogram": histogram,
-        "stages": [{k: s[k] for k in ("title", "job_type", "job_id", "spec", "result", "seconds", "reused")}
-                   for s in run["stages"]],
+        "stages": [{k: s.get(k) for k in ("title", "job_type", "job_id", "spec", "result", "seconds", "job_seconds",
+                                          "reused")} for s in run["stages"]],
         "heads": {s["result"]["head_id"]: s["result"] for s in run["stages"] if s["job_type"] == "train-head"},
         "experiments": experiments,
         "gallery": _gallery(store, sae_id, stats, experiments),
@@ -351,6 +351,11 @@ def _plan_rows(exp: dict[str, Any]) -> list[list[Any]]:
              ", ".join(map(str, e["random_latents"]))] for e in exp["plan"]]
 
 
+def _stage_rows(r: dict[str, Any]) -> list[list[Any]]:
+    return [[s["title"], s["job_id"], None if s.get("job_seconds") is None else round(s["job_seconds"], 1),
+             round(s["seconds"], 1), "yes" if s["reused"] else ""] for s in r["stages"]]
+
+
 def _what_was_run(r: dict[str, Any]) -> list[list[Any]]:
     z, cfg, best = r["size"], r["sae_cfg"], r["best"]
     stage = {s["title"]: s for s in r["stages"]}
@@ -413,9 +418,7 @@ def render_html(r: dict[str, Any]) -> str:
     out.append("<h2>What was run</h2>")
     out.append(_table(["", "value"], _what_was_run(r)))
     out.append("<h3>Stages</h3>")
-    out.append(_table(["stage", "job", "seconds", "reused"],
-                      [[s["title"], s["job_id"], round(s["seconds"], 1), "yes" if s["reused"] else ""]
-                       for s in r["stages"]]))
+    out.append(_table(["stage", "job", "job ran (s)", "this run waited (s)", "reused"], _stage_rows(r)))
     if r.get("jobs_seconds") is not None:
         out.append(f"<p class=\"note\">All jobs: {_e(r['jobs_seconds'])} s wall time, including starting the "
                    "servers and the worker.</p>")
@@ -434,7 +437,9 @@ def render_html(r: dict[str, Any]) -> str:
         out.append(f"<p class=\"note\">Frequency histogram of the chosen SAE over {_e(h['n_tokens'])} held-out "
                    f"tokens ({_e(h['source'])}); the dashed line is the dense cut-off 1e-2.</p>")
 
-    out.append("<h2>Intervention experiments</h2>")
+    out.append("<h2>Intervention experiments</h2><p class=\"note\">Each arm edits the same images; compare the "
+               "arms, not the absolute numbers: a probe that is nearly certain (probability ≈ 1) moves little in "
+               "probability even when its logit moves.</p>")
     for exp in r["experiments"].values():
         out.append(f"<h3>{_e(exp['title'])}</h3>")
         out.append(_table(["class", "latent", "F1 (selection)", "random-latent baseline"], _plan_rows(exp)))
@@ -474,9 +479,7 @@ def render_markdown(r: dict[str, Any]) -> str:
              f"Reproduce: `{r['command']}`", "", "## What was run", ""]
     lines += _md_table(["", "value"], _what_was_run(r))
     lines += ["", "## Stages", ""]
-    lines += _md_table(["stage", "job", "seconds", "reused"],
-                       [[s["title"], s["job_id"], round(s["seconds"], 1), "yes" if s["reused"] else ""]
-                        for s in r["stages"]])
+    lines += _md_table(["stage", "job", "job ran (s)", "this run waited (s)", "reused"], _stage_rows(r))
     lines += ["", "## SAE sweep (held-out)", ""]
     lines += _md_table(["member", "sae_id", "L0", "normalised MSE", "dead", ""],
                        [[_member_name(m), m["sae_id"], m.get("l0"), m.get("fvu"), m.get("n_dead"),

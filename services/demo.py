@@ -119,6 +119,8 @@ class Stage:
     result: dict[str, Any]
     seconds: float
     """Wall time from submit to the job's end, as the demo waited for it (≈ 0 when reused)."""
+    job_seconds: float | None
+    """The job's own run time, from its (last) start to its end, whichever run of the demo ran it."""
     reused: bool
     """The job had finished in an earlier run (same idempotency key)."""
 
@@ -186,7 +188,8 @@ class Demo:
         seconds = time.monotonic() - started
         if job.state is not JobState.SUCCEEDED:
             raise RuntimeError(f"{title}: job {job.id} ended {job.state.value}: {job.error}")
-        self.stages.append(Stage(title, job_type, job.id, spec, job.result, seconds, reused))
+        job_seconds = job.finished_at - job.started_at if job.finished_at and job.started_at else None
+        self.stages.append(Stage(title, job_type, job.id, spec, job.result, seconds, job_seconds, reused))
         note = "reused (finished in an earlier run)" if reused else job.progress.message
         self.console.print(f"[green]✓[/green] [bold]{title:<30}[/bold] {seconds:7.1f} s  {note}"[:160])
         return job.result

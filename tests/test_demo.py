@@ -64,6 +64,7 @@ def test_demo_writes_a_self_contained_report_with_exemplars_and_metrics(demo_run
                  "saevctl demo --tiny"):
         assert text in page, text
     assert (home / "demo" / "report.md").read_text().count("| sae |") == 3
+    assert all(s["job_seconds"] > 0 for s in report["stages"])  # each stage's time
 
 
 def test_suppressing_the_face_latents_lowers_the_face_probability_more_than_both_baselines(demo_run):
@@ -126,7 +127,7 @@ def _hand_made_report(evil: str) -> dict:
         "members": [member, {**member, "sae_id": "other", "chosen": False, "l0": 32.0}],
         "histogram": {"edges": [-3.0, -2.0, -1.0], "counts": [5, 7], "n_dead": 1, "n_tokens": 10, "source": evil},
         "stages": [{"title": evil, "job_type": "record", "job_id": "j", "spec": {"dataset": evil},
-                    "result": {}, "seconds": 1.0, "reused": False}],
+                    "result": {}, "seconds": 1.0, "job_seconds": 2.5, "reused": False}],
         "heads": {evil: {"kind": evil, "classes": [evil]}},
         "experiments": {evil: {"title": evil, "task": "classify", "n_images": 3,
                                      "spec": {"op": "set", "value": 0.0, "labels": evil},
