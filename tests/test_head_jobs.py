@@ -214,3 +214,54 @@ def test_saliency_head_is_registered_without_training_and_reused(store, workers,
     assert again.state is JobState.SUCCEEDED and again.result["reused"]
     worker.signal(signal.SIGTERM)
     assert worker.wait() == 0
+
+
+def _ade20k_folder(root, n: int = 16):
+    """An ADE20K-layout folder of 56 px images: red above a random patch row (class 1), blue below it (class 2)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("training",):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "annotations" / split).mkdir(parents=True)
+    for i in range(n):
+        cut = int(rng.integers(1, 4)) * 14
+        pixels = np.zeros((56, 56, 3), np.uint8)
+        pixels[:cut] = (200, 30, 30)
+        pixels[cut:] = (30, 30, 200)
+        pixels = np.clip(pixels + rng.integers(-20, 20, size=pixels.shape), 0, 255).astype(np.uint8)
+        mask = np.full((56, 56), 2, np.uint8)
+        mask[:cut] = 1
+        Image.fromarray(pixels).save(root / "images" / "training" / f"img{i:02d}.jpg", quality=95)
+        Image.fromarray(mask).save(root / "annotations" / "training" / f"img{i:02d}.png")
+    return root
+
+
+def test_patch_head_job_trains_on_an_ade20k_layout_folder(store, workers, queue, backbone, tmp_path):
+    """A per-patch segmentation head from an ADE20K-layout folder: masks aggregated to patch labels, held-out mIoU
+    without the background class, predictions per pixel (upsampled from the patch grid)."""
+    from sae_shared.datasets import ADE20K, patch_labels
+    from sae_shared.heads import PatchLinearHead, load_head
+
+    folder = _ade20k_folder(tmp_path / "ade")
+    worker = workers.start("--types", "train-head", lease=LEASE)
+    job = queue.submit("train-head", {"kind": "patch", "dataset": f"ade20k:{folder}", "backbone": BACKBONE,
+                                      "backbone_options": OPTIONS, "num_classes": 3, "epochs": 60,
+                                      "head_id": "ade-patch", "checkpoint_seconds": 0})
+    done = queue.wait(job.id, timeout=300)
+    assert done.state is JobState.SUCCEEDED, (done.error, worker.output()[-3000:])
+    heldout = done.result["heldout"]
+    assert heldout["n"] == 4 * 16 and heldout["miou"] >= 0.9, heldout  # 4 held-out images; flat colours: easy if aligned
+
+    head = load_head("heads/ade-patch", store=store)
+    assert isinstance(head, PatchLinearHead) and head.n_classes == 3
+    ade = ADE20K(folder)
+    image, mask = ade.load_image(0), ade.load_mask(0)
+    with torch.inference_mode():
+        out = head.predict(backbone, backbone.forward(backbone.preprocess_batch([image])))
+    assert out.logits.shape == (1, 3, 56, 56) and out.patch_logits.shape == (1, 3, 4, 4)
+    predicted = out.patch_logits.argmax(1)[0].numpy()
+    assert (predicted == patch_labels(mask, 4, 4)).mean() >= 0.9  # the patches' majority classes
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0
