@@ -252,7 +252,7 @@ def test_patch_head_job_trains_on_an_ade20k_layout_folder(store, workers, queue,
     done = queue.wait(job.id, timeout=300)
     assert done.state is JobState.SUCCEEDED, (done.error, worker.output()[-3000:])
     heldout = done.result["heldout"]
-    assert heldout["n"] == 4 * 16 and heldout["miou"] >= 0.9, heldout  # 4 held-out images; flat colours: easy if aligned
+    assert heldout["n"] == 4 * 16 and heldout["miou"] >= 0.9, heldout  # 4 held-out images; easy if aligned
 
     head = load_head("heads/ade-patch", store=store)
     assert isinstance(head, PatchLinearHead) and head.n_classes == 3
