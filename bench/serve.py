@@ -94,6 +94,8 @@ class InProcess:
         f2 = f.clone()
         f2[:, 1:, self.latents] = 0.0
         x2 = x + (sae.decode(f2) - sae.decode(f))
+        # the off-target drift the service reports with each result: the edited tokens re-encoded, compared with f'
+        (sae.encode(x2[:, 1:]) - f2[:, 1:]).abs().mean()
         final = bb.forward_from(torch.cat([x, x2]), LAYER)
         # the saliency head as the service serves it: class 1 (salient) where the pre-sigmoid logit is > 0
         labels = (self.head.logits(final)[:, 0] > 0).long()
