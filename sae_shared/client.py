@@ -502,7 +502,13 @@ class Client:
     # -- jobs -------------------------------------------------------------------------------------------------------
 
     def submit_job(self, job_type: str, spec: dict[str, Any], *, idempotency_key: str = ""):
+        """Queue a job. Without ``idempotency_key`` one is drawn here, so a retried call (its answer lost to a
+        deadline) returns the job the first attempt queued instead of queueing it twice."""
+        import uuid
+
         from sae_shared.proto.saev.v1 import jobs_pb2 as jpb
+
+        idempotency_key = idempotency_key or f"client-{uuid.uuid4().hex}"
 
         enum = jpb.JobType.Value("JOB_TYPE_" + job_type.upper().replace("-", "_"))
         return self.call("SubmitJob", jpb.SubmitJobRequest(type=enum, spec_json=json.dumps(spec),

@@ -711,10 +711,22 @@ _READERS: dict[int, Callable[[dict[str, Any], str], _Parsed]] = {1: _read_v1}
 """Schema number -> reader producing (kind, classes, contract, arch)."""
 
 
-def from_files(read: Callable[[str], bytes], where: str, *, device: str | torch.device = "cpu") -> TaskHead:
-    """Build and validate a head from its files; ``read(name)`` returns a file's bytes."""
+class HeadConfig(NamedTuple):
+    """What a head's ``cfg.json`` says, validated."""
+
+    kind: str
+    classes: list[str]
+    contract: HeadContract
+    arch: dict[str, Any]
+    training: Any
+    """The ``training`` record (how the head was trained), as stored."""
+
+
+def read_head_config(data: bytes, where: str) -> HeadConfig:
+    """A head's ``cfg.json`` bytes, validated (``InvalidHeadFile`` naming ``where`` otherwise), without reading
+    its weights."""
     try:
-        cfg = json.loads(read(CFG_FILE))
+        cfg = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidHeadFile(f"{where}/{CFG_FILE}: not valid JSON: {exc}") from None
     except RecursionError:
@@ -723,11 +735,16 @@ def from_files(read: Callable[[str], bytes], where: str, *, device: str | torch.
         schema = cfg.get("schema") if isinstance(cfg, dict) else None
         raise InvalidHeadFile(f"{where}/{CFG_FILE}: unknown schema {schema!r}; this version reads {sorted(_READERS)}")
     try:
-        kind, classes, contract, arch = _READERS[cfg["schema"]](cfg, f"{where}/{CFG_FILE}")
+        return HeadConfig(*_READERS[cfg["schema"]](cfg, f"{where}/{CFG_FILE}"), cfg.get("training"))
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
         if isinstance(exc, InvalidHeadFile):
             raise
         raise InvalidHeadFile(f"{where}/{CFG_FILE}: malformed ({type(exc).__name__}: {exc})") from None
+
+
+def from_files(read: Callable[[str], bytes], where: str, *, device: str | torch.device = "cpu") -> TaskHead:
+    """Build and validate a head from its files; ``read(name)`` returns a file's bytes."""
+    kind, classes, contract, arch, training = read_head_config(read(CFG_FILE), where)
     try:
         state = st_load(bytes(read(WEIGHTS_FILE)))
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for malformed input
@@ -749,7 +766,7 @@ def from_files(read: Callable[[str], bytes], where: str, *, device: str | torch.
             raise InvalidHeadFile(f"{where}/{WEIGHTS_FILE}: {name} contains NaN or infinite values")
     head = make_head(kind, classes, contract, **arch)
     head.load_state_dict(state)
-    head.training_info = cfg.get("training")
+    head.training_info = training
     return head.to(device).eval()
 
 

@@ -21,7 +21,6 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 Id = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")]
 """An identifier of an input or output (dataset, backbone, shard set, SAE, head): non-empty, no spaces."""
-"""Where the services listen: ``grpc://host:port``, ``http(s)://host:port[/path]`` or ``host:port`` (gRPC)."""
 
 
 MAX_SPEC_BYTES = 1 << 20

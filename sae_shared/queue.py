@@ -723,8 +723,8 @@ class Queue:
         self._reclaim_cursor: dict[str, str] = {}
         self._next_reclaim = 0.0
         self._unread: dict[str, list[tuple[str, str, str]]] = {}
-        self._rotation = 0  # which type a claim looks at first (round robin, so no type starves another)
         """consumer -> entries it read from a stream but has not tried to claim yet (stream, entry, job id)."""
+        self._rotation = 0  # which type a claim looks at first (round robin, so no type starves another)
 
     @classmethod
     def from_settings(cls, settings: Settings, namespace: str = DEFAULT_NAMESPACE, **kwargs: Any) -> Queue:

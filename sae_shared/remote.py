@@ -281,27 +281,11 @@ class RemoteHead:
     @classmethod
     def from_store(cls, client, head_id: str, store, limits: Limits = Limits()) -> RemoteHead:
         """Kind, task, classes and contract from ``heads/<head_id>/cfg.json`` (validated as ``load_head`` does)."""
-        import json
-
-        from sae_shared.heads import _KINDS, CFG_FILE, InvalidHeadFile
+        from sae_shared.heads import _KINDS, CFG_FILE, read_head_config
 
         prefix = f"heads/{head_id}"
         store.read_manifest(prefix)
-        where = f"{prefix}/{CFG_FILE}"
-        try:
-            cfg = json.loads(store.get_bytes(where))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidHeadFile(f"{where}: not valid JSON: {exc}") from None
-        if not isinstance(cfg, dict) or cfg.get("kind") not in _KINDS:
-            raise InvalidHeadFile(f"{where}: not a head configuration of a known kind")
-        classes = cfg.get("classes")
-        if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
-            raise InvalidHeadFile(f"{where}: 'classes' must be a list of at least two class names")
-        try:
-            contract = HeadContract.from_dict(cfg["contract"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidHeadFile(f"{where}: invalid contract: {exc}") from None
-        kind = cfg["kind"]
+        kind, classes, contract, _, _ = read_head_config(store.get_bytes(f"{prefix}/{CFG_FILE}"), prefix)
         return cls(client, head_id, kind, _KINDS[kind].task, classes, contract, limits)
 
     @property

@@ -4,6 +4,7 @@ their checkpoints are interchangeable."""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -172,3 +173,20 @@ def test_shard_set_training_runs_a_sweep_over_trainer_groups(tmp_path):
     grouped = train(trainer_factory=lambda cfg, **kw: TrainerGroups(cfg, n_groups=3, **kw))
     _assert_same(one.saes, grouped.saes)
     assert [e.fvu for e in one.evaluations] == [e.fvu for e in grouped.evaluations]
+
+
+def test_actors_that_cannot_start_are_released_with_a_clear_error(ray_session):
+    """Actors asking for more than the cluster has never start: the trainer says so within its timeout and kills
+    them, so they do not wait for (and later hold) the resources."""
+    x, _ = _data()
+    with pytest.raises(RuntimeError, match="did not start 2 actors"):
+        RayTrainerGroups(_config(), total_steps=4, init_sample_nd=x, n_groups=2, options={"num_cpus": 64},
+                         start_timeout_s=3)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        alive = [a for a in ray_session._private.state.actors().values()  # the GCS's table (no dashboard here)
+                 if a["ActorClassName"].endswith("MemberGroup") and a["State"] != "DEAD"]
+        if not alive:
+            break
+        time.sleep(0.5)
+    assert alive == []

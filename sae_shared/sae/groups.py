@@ -199,7 +199,11 @@ class RayTrainerGroups(TrainerGroups):
                              threads)
             for c in configs
         ]
-        self._get([g.device.remote() for g in self.groups], "starting the training actors", self._start_timeout_s)
+        try:
+            self._get([g.device.remote() for g in self.groups], "starting the training actors", self._start_timeout_s)
+        except BaseException:
+            self.close()  # actors that did start would hold their CPUs / GPUs
+            raise
 
     def _get(self, refs, what: str, timeout: float | None = None):
         import ray
@@ -211,7 +215,10 @@ class RayTrainerGroups(TrainerGroups):
             raise RuntimeError(f"{what}: Ray did not start {len(self.groups)} actors with {self.resources} within "
                                f"{timeout:g} s (cluster: {ray.cluster_resources()})") from None
         except RayTaskError as exc:
-            raise RuntimeError(f"{what} failed in a training actor: {exc.as_instanceof_cause()}") from None
+            cause = exc.as_instanceof_cause()
+            if isinstance(cause, ValueError):  # bad input (an unreadable checkpoint...): keeps its type for the caller
+                raise cause from None
+            raise RuntimeError(f"{what} failed in a training actor: {cause}") from None
         except RayActorError as exc:
             raise RuntimeError(f"{what}: a training actor died: {exc}") from None
 

@@ -280,7 +280,7 @@ class ShardSetTraining:
             else:
                 self._start(on_metrics)
         except BaseException:
-            self.data.close()
+            self.close()  # the reader, and trainer groups' Ray actors if they were started
             raise
 
     def _start(self, on_metrics: MetricsCallback | None) -> None:

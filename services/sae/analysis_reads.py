@@ -21,6 +21,8 @@ from services.sae.catalog import SAE_ID
 
 KINDS = ("patch", "cls")
 MAX_LIMIT = 1024
+MAX_INLINE = 64
+"""Most exemplars per request with their tile PNGs inline (each may be rendered on the spot)."""
 DEFAULT_IMAGES, MAX_IMAGES = 100, 1000
 DEFAULT_BINS, MAX_BINS = 32, 256
 TILE_THREADS = 4
@@ -90,6 +92,9 @@ def latent_exemplars(store, request: fpb.GetLatentExemplarsRequest) -> fpb.GetLa
     latent = _latent(reader, request.latent)
     if not 0 <= request.limit <= MAX_LIMIT:
         raise InvalidArgument(f"limit: must be in [0, {MAX_LIMIT}] (0: every exemplar kept)", "limit")
+    if request.include_images and not 0 < request.limit <= MAX_INLINE:
+        raise InvalidArgument(f"limit: with include_images, give a limit in [1, {MAX_INLINE}] (or fetch the tile "
+                              "keys without include_images)", "limit")
     exemplars = reader.exemplars(latent, kind, limit=request.limit or None, heatmaps=request.include_heatmaps)
     out = fpb.GetLatentExemplarsResponse(latent=latent, layout=_layout(reader), kind=kind, scale=reader.scale(latent),
                                          analysis_id=reader.analysis_id)
@@ -138,7 +143,7 @@ def latent_histogram(store, request: fpb.GetLatentHistogramRequest, sae_stats=No
         raise InvalidArgument(f"bins: must be in [0, {MAX_BINS}] (0: {DEFAULT_BINS})", "bins")
     h = reader.latent_histogram(latent, request.bins or DEFAULT_BINS)
     if h["frequency"] is None:
-        h["frequency"] = float(sae_stats.frequency[latent]) if sae_stats is not None else 0.0
+        h["frequency"] = float(sae_stats.frequency[latent]) if sae_stats is not None else float("nan")  # unknown
     return fpb.GetLatentHistogramResponse(**h)
 
 

@@ -170,7 +170,10 @@ def test_not_analysed_bad_latent_and_bad_kind(running, stubs, http, analysis, re
 
     for request in (fpb.GetLatentExemplarsRequest(sae_id=analysis.sae_id, latent=reader.d_sae),
                     fpb.GetLatentExemplarsRequest(sae_id=analysis.sae_id, latent=-1),
-                    fpb.GetLatentExemplarsRequest(sae_id=analysis.sae_id, latent=0, kind="tokens")):
+                    fpb.GetLatentExemplarsRequest(sae_id=analysis.sae_id, latent=0, kind="tokens"),
+                    # inline tiles are rendered on the spot: a bounded number per request
+                    fpb.GetLatentExemplarsRequest(sae_id=analysis.sae_id, latent=0, include_images=True),
+                    fpb.GetLatentExemplarsRequest(sae_id=analysis.sae_id, latent=0, include_images=True, limit=65)):
         with pytest.raises(grpc.RpcError) as err:
             stubs.features.GetLatentExemplars(request, metadata=md, timeout=60)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, request
