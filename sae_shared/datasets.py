@@ -408,11 +408,27 @@ def upload_dataset(store, root: str | Path, name: str, max_pixels: int = DEFAULT
     return {"name": name, "n_images": len(images), "skipped": skipped, "manifest_hash": digest.hexdigest()}
 
 
+def _check_local_root(path: str) -> None:
+    """Refuse a local folder outside ``Settings.dataset_roots`` when that is set (a job spec names the folder, and
+    the services later serve its images: in a shared deployment, only the folders meant for datasets)."""
+    from sae_shared.settings import get_settings
+
+    roots = get_settings().dataset_roots
+    if roots is None:
+        return
+    real = Path(path).resolve()
+    if not any(real == Path(r).resolve() or Path(r).resolve() in real.parents for r in roots):
+        raise DatasetError(f"dataset folder {path!r} is outside the allowed dataset roots (SAEV_DATASET_ROOTS: "
+                           f"{', '.join(str(r) for r in roots)}); upload it (`saevctl datasets upload`) or move it")
+
+
 def open_dataset(spec: str, store=None, split: str = "training") -> Dataset:
     """Resolve a dataset by name: ``bundled-*``, ``imagefolder:<dir>``, ``ade20k:<dir>``, ``stored:<name>``."""
     if spec in _BUNDLED_LOADERS:
         return load_bundled(spec)
     kind, _, arg = spec.partition(":")
+    if kind in ("imagefolder", "ade20k") and arg:
+        _check_local_root(arg)
     if kind == "imagefolder" and arg:
         return ImageFolder(arg)
     if kind == "ade20k" and arg:

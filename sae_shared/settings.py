@@ -104,6 +104,10 @@ class Settings(BaseSettings):
     """Most images one request may carry."""
     max_tensor_elements: int = Field(default=256 << 20, gt=0)
     """Most elements one decoded tensor may have."""
+    dataset_roots: Annotated[list[Path] | None, NoDecode] = None
+    """Local folders that ``imagefolder:<dir>`` / ``ade20k:<dir>`` datasets must lie under (comma-separated). Unset:
+    any folder the process can read (a laptop). Set it in shared deployments: a job spec names the folder and the
+    services later serve its images to API-key holders."""
 
     # --- metrics ---
     metrics_host: str = "127.0.0.1"
@@ -121,6 +125,13 @@ class Settings(BaseSettings):
     def _split_keys(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("dataset_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [p.strip() for p in value.split(",") if p.strip()]
         return value
 
     @field_validator("s3_endpoint")

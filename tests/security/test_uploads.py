@@ -156,3 +156,25 @@ def test_a_stored_index_pointing_elsewhere_is_refused(store):
     with pytest.raises(InvalidKey, match="'..' segment"):
         StoredDataset(store, "tampered").load_image(0)
     assert json.loads(store.get_bytes("datasets/tampered/index.json"))["images"][0]["key"].startswith("..")
+
+
+def test_local_dataset_folders_are_confined_to_the_configured_roots(tmp_path, monkeypatch):
+    """With SAEV_DATASET_ROOTS set, a job spec cannot name (and the services later serve images of) another folder."""
+    from sae_shared.datasets import DatasetError, open_dataset
+    from sae_shared.settings import get_settings
+
+    allowed, other = tmp_path / "datasets", tmp_path / "elsewhere"
+    for root in (allowed / "a" / "cat", other / "cat"):
+        root.mkdir(parents=True)
+        (root / "x.png").write_bytes(_png())
+    monkeypatch.setenv("SAEV_DATASET_ROOTS", f"{allowed}, /nonexistent")
+    get_settings.cache_clear()
+    try:
+        assert len(open_dataset(f"imagefolder:{allowed / 'a'}")) == 1
+        for spec in (f"imagefolder:{other}", f"ade20k:{other}", f"imagefolder:{allowed}/../elsewhere"):
+            with pytest.raises(DatasetError, match="outside the allowed dataset roots"):
+                open_dataset(spec)
+    finally:
+        monkeypatch.delenv("SAEV_DATASET_ROOTS")
+        get_settings.cache_clear()
+    assert len(open_dataset(f"imagefolder:{other}")) == 1  # unset: any readable folder (a laptop)
