@@ -16,10 +16,9 @@ import signal
 
 import pytest
 import torch
-import typer.testing
 
-from sae_shared.queue import JobState, Queue, connect
-from workers_support import Workers, worker_env
+from sae_shared.queue import JobState
+from workers_support import cli, env, queue, store, workers  # noqa: F401 - fixtures
 
 LEASE = 3.0
 BACKBONE = "dinov2:vit_small_patch14_dinov2/random-init"
@@ -31,29 +30,6 @@ def namespace() -> str:
     return "h" + secrets.token_hex(4)
 
 
-@pytest.fixture
-def queue(settings, namespace):
-    q = Queue(connect(settings.redis_url), namespace, lease_seconds=LEASE)
-    yield q
-    keys = list(q.client.scan_iter(f"{namespace}:*", count=1000))
-    if keys:
-        q.client.delete(*keys)
-
-
-@pytest.fixture
-def store(settings, bucket):
-    from sae_shared.settings import Settings
-    from sae_shared.storage import open_store
-
-    return open_store(Settings(**{**settings.model_dump(), "storage_url": f"s3://{bucket}"}))
-
-
-@pytest.fixture
-def env(settings, bucket):
-    # One compute thread in workers and here: the same sums in the same order, so results compare bit for bit.
-    return {**worker_env(settings, bucket), "OMP_NUM_THREADS": "1"}
-
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """One compute thread, and subnormals flushed as the job handlers do (``resolve_device``)."""
@@ -62,28 +38,6 @@ def one_thread():
     torch.set_flush_denormal(True)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture
-def workers(env, tmp_path, namespace):
-    group = Workers(env, tmp_path, namespace)
-    yield group
-    group.close()
-
-
-@pytest.fixture
-def cli(env, monkeypatch):
-    """``saevctl`` in process, with the workers' settings."""
-    from sae_shared.settings import get_settings
-    from services.cli import app
-
-    for key, value in env.items():
-        if key.startswith("SAEV_"):
-            monkeypatch.setenv(key, value)
-    get_settings.cache_clear()
-    runner = typer.testing.CliRunner()
-    yield lambda *args: runner.invoke(app, list(args))
-    get_settings.cache_clear()
 
 
 @pytest.fixture(scope="module")

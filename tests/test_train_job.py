@@ -15,10 +15,10 @@ import urllib.request
 
 import pytest
 import torch
-import typer.testing
 
-from sae_shared.queue import JobState, Queue, connect
-from workers_support import Workers, wait_for, worker_env
+from sae_shared.queue import JobState
+from workers_support import wait_for
+from workers_support import cli, env, queue, store, workers  # noqa: F401 - fixtures
 
 LEASE = 1.0
 D = 16
@@ -65,32 +65,8 @@ def namespace() -> str:
 
 
 @pytest.fixture
-def queue(settings, namespace):
-    q = Queue(connect(settings.redis_url), namespace, lease_seconds=LEASE)
-    yield q
-    keys = list(q.client.scan_iter(f"{namespace}:*", count=1000))
-    if keys:
-        q.client.delete(*keys)
-
-
-@pytest.fixture
-def store(settings, bucket):
-    from sae_shared.settings import Settings
-    from sae_shared.storage import open_store
-
-    return open_store(Settings(**{**settings.model_dump(), "storage_url": f"s3://{bucket}"}))
-
-
-@pytest.fixture
 def acts_id(store) -> str:
     return write_shard_set(store)
-
-
-@pytest.fixture
-def env(settings, bucket):
-    # One compute thread: these tiny steps take ~2 ms on one thread and 50x that with two threads spinning against
-    # each other on a loaded two-core machine. The in-process reference runs use one thread too (same sums).
-    return {**worker_env(settings, bucket), "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture
@@ -99,28 +75,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture
-def workers(env, tmp_path, namespace):
-    group = Workers(env, tmp_path, namespace)
-    yield group
-    group.close()
-
-
-@pytest.fixture
-def cli(env, monkeypatch):
-    """``saevctl`` in process, with the workers' settings."""
-    from sae_shared.settings import get_settings
-    from services.cli import app
-
-    for key, value in env.items():
-        if key.startswith("SAEV_"):
-            monkeypatch.setenv(key, value)
-    get_settings.cache_clear()
-    runner = typer.testing.CliRunner()
-    yield lambda *args: runner.invoke(app, list(args))
-    get_settings.cache_clear()
 
 
 def free_port() -> int:

@@ -114,3 +114,61 @@ class Workers:
     def close(self) -> None:
         for w in self.started:
             w.close()
+
+
+# ------------------------------------------------------------------------------- fixtures of the job-type tests
+# Imported by tests/test_{train,analyze,head,experiment}_job.py, each of which defines ``namespace`` and ``LEASE``.
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def queue(request, settings, namespace):
+    """The job queue in the test's namespace, with the module's ``LEASE``; its keys deleted afterwards."""
+    from sae_shared.queue import Queue, connect
+
+    q = Queue(connect(settings.redis_url), namespace, lease_seconds=request.module.LEASE)
+    yield q
+    keys = list(q.client.scan_iter(f"{namespace}:*", count=1000))
+    if keys:
+        q.client.delete(*keys)
+
+
+@pytest.fixture
+def store(settings, bucket):
+    """The object store, in the test's bucket."""
+    from sae_shared.settings import Settings
+    from sae_shared.storage import open_store
+
+    return open_store(Settings(**{**settings.model_dump(), "storage_url": f"s3://{bucket}"}))
+
+
+@pytest.fixture
+def env(settings, bucket):
+    """Worker environment with one compute thread: tiny steps run ~50x slower with two threads spinning against
+    each other on a loaded two-core machine, and the in-process reference runs use one thread too (same sums)."""
+    return {**worker_env(settings, bucket), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def workers(env, tmp_path, namespace):
+    group = Workers(env, tmp_path, namespace)
+    yield group
+    group.close()
+
+
+@pytest.fixture
+def cli(env, monkeypatch):
+    """``saevctl`` in process, with the workers' settings."""
+    import typer.testing
+
+    from sae_shared.settings import get_settings
+    from services.cli import app
+
+    for key, value in env.items():
+        if key.startswith("SAEV_"):
+            monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    runner = typer.testing.CliRunner()
+    yield lambda *args: runner.invoke(app, list(args))
+    get_settings.cache_clear()
