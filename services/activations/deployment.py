@@ -21,7 +21,7 @@ from sae_shared.proto.saev.v1 import activations_pb2 as apb
 from sae_shared.proto.saev.v1 import common_pb2 as pb
 from sae_shared.settings import Settings
 from services.common import metrics
-from services.common.base import ModelServiceBase
+from services.common.base import MODEL_DEPLOYMENT, ModelServiceBase
 from services.common.cache import module_bytes
 from services.common.config import ActivationsArgs, BatchingConfig, ModelSpec
 from services.common.errors import InvalidArgument, NotFound, TooLarge
@@ -44,15 +44,7 @@ class _Work:
     layers: tuple[int, ...]
 
 
-@serve.deployment(
-    name="Activations",
-    ray_actor_options={"num_cpus": 0.25},
-    max_ongoing_requests=16,
-    max_queued_requests=32,
-    health_check_period_s=10.0,
-    health_check_timeout_s=60.0,
-    graceful_shutdown_timeout_s=5.0,
-)
+@serve.deployment(name="Activations", **MODEL_DEPLOYMENT)
 class ActivationsService(ModelServiceBase):
     """Serves the configured backbones: the first preloaded one is the default."""
 

@@ -12,6 +12,17 @@ from services.common.config import ModelServiceArgs
 from services.common.limits import Limits
 
 
+MODEL_DEPLOYMENT = dict(
+    ray_actor_options={"num_cpus": 0.25},
+    max_ongoing_requests=16,
+    max_queued_requests=32,
+    health_check_period_s=10.0,
+    health_check_timeout_s=60.0,
+    graceful_shutdown_timeout_s=5.0,
+)
+"""Default ``@serve.deployment`` options of the three model services (serve configs override them per replica)."""
+
+
 class ModelServiceBase:
     """Shared constructor pieces and the HTTP answer of a gRPC-only service."""
 

@@ -19,7 +19,7 @@ from sae_shared.proto.saev.v1 import common_pb2 as pb
 from sae_shared.proto.saev.v1 import sae_pb2 as spb
 from sae_shared.settings import Settings
 from services.common import metrics
-from services.common.base import ModelServiceBase
+from services.common.base import MODEL_DEPLOYMENT, ModelServiceBase
 from services.common.cache import module_bytes
 from services.common.config import BatchingConfig, SAEArgs
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, TooLarge
@@ -37,15 +37,7 @@ class _Encode:
     x_nd: Any
 
 
-@serve.deployment(
-    name="SAE",
-    ray_actor_options={"num_cpus": 0.25},
-    max_ongoing_requests=16,
-    max_queued_requests=32,
-    health_check_period_s=10.0,
-    health_check_timeout_s=60.0,
-    graceful_shutdown_timeout_s=5.0,
-)
+@serve.deployment(name="SAE", **MODEL_DEPLOYMENT)
 class SAEService(ModelServiceBase):
     """Serves SAEs from the object store."""
 

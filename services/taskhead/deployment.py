@@ -16,7 +16,7 @@ from ray import serve
 from sae_shared.proto.saev.v1 import taskhead_pb2 as tpb
 from sae_shared.settings import Settings
 from services.common import metrics
-from services.common.base import ModelServiceBase
+from services.common.base import MODEL_DEPLOYMENT, ModelServiceBase
 from services.common.cache import module_bytes
 from services.common.config import BatchingConfig, TaskHeadArgs
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, TooLarge
@@ -32,15 +32,7 @@ class _Work:
     tokens_btd: Any
 
 
-@serve.deployment(
-    name="TaskHead",
-    ray_actor_options={"num_cpus": 0.25},
-    max_ongoing_requests=16,
-    max_queued_requests=32,
-    health_check_period_s=10.0,
-    health_check_timeout_s=60.0,
-    graceful_shutdown_timeout_s=5.0,
-)
+@serve.deployment(name="TaskHead", **MODEL_DEPLOYMENT)
 class TaskHeadService(ModelServiceBase):
     """Serves the configured heads; the first is the default."""
 
