@@ -184,24 +184,11 @@ class RemoteBackbone:
 def read_sae_metadata(store, sae_id: str):
     """(SAEConfig, Contract, LatentStats | None) of ``saes/<sae_id>`` from its ``cfg.json`` and statistics file,
     validated as ``load_sae`` does, without reading the weights."""
-    from sae_shared.sae import io as sae_io
+    from sae_shared.sae.io import read_metadata
 
     prefix = f"saes/{sae_id}"
     store.read_manifest(prefix)  # refuses an artifact whose writer never committed
-    where = f"{prefix}/{sae_io.CFG_FILE}"
-    cfg_json = sae_io._parse_json(store.get_bytes(where), where)
-    schema = cfg_json.get("schema")
-    if schema not in sae_io._READERS:
-        raise sae_io.InvalidSAEFile(f"{where}: unknown schema {schema!r}; this version reads {sorted(sae_io._READERS)}")
-    with sae_io._malformed(where):
-        parsed = sae_io._READERS[schema](cfg_json, where)
-    stats = None
-    if parsed.stats_meta is not None:
-        where = f"{prefix}/{parsed.stats_meta['file']}"
-        tensors = sae_io._parse_safetensors(store.get_bytes(where), where)
-        with sae_io._malformed(where):
-            stats = sae_io._build_stats(tensors, parsed.stats_meta, parsed.cfg.d_sae, where)
-    return parsed.cfg, parsed.contract, stats
+    return read_metadata(lambda name: store.get_bytes(f"{prefix}/{name}"), prefix)
 
 
 class RemoteSAE:

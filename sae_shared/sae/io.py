@@ -110,8 +110,8 @@ def to_files(sae: SparseAutoencoder) -> dict[str, bytes]:
     return files
 
 
-def from_files(read: Callable[[str], bytes], where: str, *, device: str | torch.device = "cpu") -> SparseAutoencoder:
-    """Build and validate an SAE from its files; ``read(name)`` returns a file's bytes (raises if missing)."""
+def _read_cfg(read: Callable[[str], bytes], where: str) -> _Parsed:
+    """The validated ``cfg.json`` of an SAE's files."""
     cfg_json = _parse_json(read(CFG_FILE), f"{where}/{CFG_FILE}")
     schema = cfg_json.get("schema")
     if not isinstance(schema, int) or isinstance(schema, bool) or schema not in _READERS:
@@ -120,15 +120,33 @@ def from_files(read: Callable[[str], bytes], where: str, *, device: str | torch.
             "(a newer schema needs a newer saev-platform)"
         )
     with _malformed(f"{where}/{CFG_FILE}"):
-        parsed = _READERS[schema](cfg_json, f"{where}/{CFG_FILE}")
+        return _READERS[schema](cfg_json, f"{where}/{CFG_FILE}")
+
+
+def _read_stats(read: Callable[[str], bytes], where: str, parsed: _Parsed) -> LatentStats | None:
+    """The validated statistics the config names, or None when it names none."""
+    if parsed.stats_meta is None:
+        return None
+    name = parsed.stats_meta["file"]
+    tensors = _parse_safetensors(read(name), f"{where}/{name}")
+    with _malformed(f"{where}/{name}"):
+        return _build_stats(tensors, parsed.stats_meta, parsed.cfg.d_sae, f"{where}/{name}")
+
+
+def read_metadata(read: Callable[[str], bytes], where: str) -> tuple[SAEConfig, Contract, LatentStats | None]:
+    """An SAE's config, contract and statistics, validated as :func:`from_files` does, without reading its weights
+    (what a client of the SAE service needs)."""
+    parsed = _read_cfg(read, where)
+    return parsed.cfg, parsed.contract, _read_stats(read, where, parsed)
+
+
+def from_files(read: Callable[[str], bytes], where: str, *, device: str | torch.device = "cpu") -> SparseAutoencoder:
+    """Build and validate an SAE from its files; ``read(name)`` returns a file's bytes (raises if missing)."""
+    parsed = _read_cfg(read, where)
     weights = _parse_safetensors(read(WEIGHTS_FILE), f"{where}/{WEIGHTS_FILE}")
     with _malformed(f"{where}/{WEIGHTS_FILE}"):
         sae = _build(parsed.cfg, weights, parsed.scale, parsed.contract, f"{where}/{WEIGHTS_FILE}")
-    if parsed.stats_meta is not None:
-        name = parsed.stats_meta["file"]
-        tensors = _parse_safetensors(read(name), f"{where}/{name}")
-        with _malformed(f"{where}/{name}"):
-            sae.stats = _build_stats(tensors, parsed.stats_meta, sae.d_sae, f"{where}/{name}")
+    sae.stats = _read_stats(read, where, parsed)
     return sae.to(device).eval()
 
 
