@@ -91,8 +91,12 @@ class RetryPolicy(NamedTuple):
 def retryable(err: ClientError) -> bool:
     """UNAVAILABLE, admission-control rejections, and an attempt that reached this client's deadline (while a
     replica is being replaced, Serve holds requests until the new one is up: the next attempt is served); not an
-    input over a size limit, nor a deadline the server reports (HTTP 504)."""
+    input over a size limit, nor a deadline the server reports (HTTP 504). Also a gRPC INTERNAL without a message:
+    Serve's proxy answers so when the replica serving the call dies under it (its stream ends early); the
+    platform's own errors always say what went wrong."""
     if err.code == "DEADLINE_EXCEEDED" and err.http_status is None:
+        return True
+    if err.code == "INTERNAL" and err.http_status is None and not err.message.strip():
         return True
     if err.http_status is not None:
         return err.http_status in (429, 503)

@@ -89,3 +89,15 @@ def test_saevctl_intervene_prints_the_change_rate(running, tmp_path, fresh_setti
                                       "--url", running.http_url], env={"SAEV_API_KEYS": running.api_key})
     assert result.exit_code == 0, result.output
     assert "2 edit(s); change rate" in result.output and "labels shape [224, 224]" in result.output
+
+
+def test_retry_policy_retries_transient_answers_only():
+    from sae_shared.client import ClientError, retryable
+
+    transient = [ClientError("UNAVAILABLE", "replica restarting"), ClientError("DEADLINE_EXCEEDED", "no answer"),
+                 ClientError("INTERNAL", ""),  # Serve's proxy when the replica died under the call
+                 ClientError("UNAVAILABLE", "busy", http_status=503), ClientError("RESOURCE_EXHAUSTED", "x", 429)]
+    final = [ClientError("INTERNAL", "a bug that says what it is"), ClientError("INVALID_ARGUMENT", "bad image"),
+             ClientError("DEADLINE_EXCEEDED", "gateway timeout", http_status=504),
+             ClientError("RESOURCE_EXHAUSTED", "message larger than the limit"), ClientError("INTERNAL", "", 500)]
+    assert all(retryable(e) for e in transient) and not any(retryable(e) for e in final)
