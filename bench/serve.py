@@ -129,6 +129,7 @@ def main() -> None:
     from sae_shared.storage import open_store
     from services.app import config_path, load_config
     from services.common import local_ray
+    from services.common.protos import to_numpy
 
     torch.set_num_threads(2)
     key = "bench-key"
@@ -160,8 +161,8 @@ def main() -> None:
         # agreement: the service's labels equal the in-process ones
         ref_b, ref_a = local_proc.intervene(images[:1])
         got = remote(images[0]).results[0]
-        same = np.frombuffer(got.after.labels.data, dtype="<i8").reshape(224, 224)
-        agree = float((torch.from_numpy(same.copy()) == ref_a[0]).float().mean())
+        same = torch.from_numpy(to_numpy(got.after.labels).astype(np.int64))
+        agree = float((same == ref_a[0]).float().mean())
 
         # 1. single-image latency, interleaved
         for _ in range(2):

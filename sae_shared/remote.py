@@ -291,7 +291,7 @@ class RemoteHead:
         lo = Layout.from_dict(self.contract.layout)
         x = final_btd.detach().float().cpu()
         c = self.n_classes
-        if self.task == "segment":  # pixel logits + int64 labels (the service counts 3x the logits) + patch logits
+        if self.task == "segment":  # pixel logits + labels (the service counts 3x the logits) + patch logits
             out_bytes = 4 * c * (3 * lo.image_size[0] * lo.image_size[1] + lo.n_patches)
         else:
             out_bytes = 3 * 4 * c

@@ -136,9 +136,11 @@ class ActivationsService(ModelServiceBase):
         if nbytes > self.limits.max_request_bytes:
             raise TooLarge(f"the response would hold {nbytes} bytes, more than the limit of "
                            f"{self.limits.max_request_bytes}; ask for fewer images, layers or tokens")
-        pil = await asyncio.to_thread(decode_images, request.images, self.limits, self.args.max_image_pixels,
-                                      self._read_object)
-        imgs_bchw = await asyncio.to_thread(bb.preprocess_batch, pil)
+        def prepare():
+            return bb.preprocess_batch(decode_images(request.images, self.limits, self.args.max_image_pixels,
+                                                     self._read_object))
+
+        imgs_bchw = await asyncio.to_thread(prepare)
         acts_bltd = await self._run(_Work(bb, "record", imgs_bchw, tuple(layers)))
         return await asyncio.to_thread(self._activations_response, bb, layers, acts_bltd, rows, tokens, out_dtype)
 

@@ -22,6 +22,11 @@ log = get_logger(__name__)
 
 RAY_RESERVED = range(10002, 20000)
 OBJECT_STORE_BYTES = 256 << 20
+SYSTEM_CONFIG = {"max_direct_call_object_size": 8 << 20}
+"""Ray system settings of the local stack. Arguments and results of calls between deployments up to 8 MiB (a batch
+of residual streams, per-pixel predictions) travel inline with the call instead of through the shared-memory object
+store (Ray's default cut-off is 100 KiB): fewer round trips per hop (bench/serve_hops.py). A cluster sets the same
+with the RAY_max_direct_call_object_size environment variable on every Ray node."""
 
 
 class ServeStartError(RuntimeError):
@@ -105,7 +110,7 @@ def start(settings: Settings, config, *, http_port: int | None = None, grpc_port
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 2, include_dashboard=False,
              object_store_memory=OBJECT_STORE_BYTES, _node_ip_address="127.0.0.1",
              _metrics_export_port=metrics_port, namespace="serve", log_to_driver=True,
-             _system_config=system_config or None)
+             _system_config={**SYSTEM_CONFIG, **(system_config or {})})
     serve.start(http_options=HTTPOptions(host=http_host, port=http_port),
                 grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICERS))
     targets = applications_from_config(config, settings) + list(extra_targets or [])

@@ -107,7 +107,7 @@ class TaskHeadService(ModelServiceBase):
         if not request.patch_logits or head.kind != "segmenter":
             patch_logits = None
         nbytes = 3 * logits.numel() * 4 + (0 if patch_logits is None else patch_logits.numel() * 4)
-        if nbytes > self.limits.max_request_bytes:  # logits + int64 labels (<= 2x logits) + patch logits
+        if nbytes > self.limits.max_request_bytes:  # logits + labels (<= 2x logits) + patch logits
             raise TooLarge(f"tokens: the predictions for {logits.shape[0]} images would exceed the response limit "
                            f"of {self.limits.max_request_bytes} bytes; send fewer images", "tokens")
         return await asyncio.to_thread(_predict_response, head, logits, patch_logits, request.top_k)
@@ -209,9 +209,10 @@ def _predict_response(head, logits, patch_logits, top_k: int) -> tpb.PredictResp
 
     from sae_shared.codec import tensor_to_proto
 
-    labels = logits.argmax(dim=1)
+    # labels in the smallest type that holds every class: a 224 x 224 label map is 50 KB instead of 400 KB
+    labels = logits.argmax(dim=1).to(torch.uint8 if head.n_classes <= 256 else torch.int32)
     out = tpb.PredictResponse(kind=KINDS[head.kind], logits=tensor_to_proto(logits.contiguous(), field="logits"),
-                              labels=tensor_to_proto(labels.to(torch.int64).contiguous(), field="labels"))
+                              labels=tensor_to_proto(labels.contiguous(), field="labels"))
     if patch_logits is not None:
         out.patch_logits.CopyFrom(tensor_to_proto(patch_logits.contiguous(), field="patch_logits"))
     if head.kind == "classifier" and top_k > 0:

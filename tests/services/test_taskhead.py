@@ -21,7 +21,7 @@ def test_saliency_head_predict_equals_the_pretrained_decoder(running, stubs, bac
     assert response.kind == tpb.HEAD_KIND_SEGMENTER
     assert logits.shape == (1, 2, 224, 224) and labels.shape == (1, 224, 224)
     assert torch.equal(logits[:, 1:], s) and not logits[:, 0].any()
-    assert torch.equal(labels, (s[:, 0] > 0).long())
+    assert labels.dtype == torch.uint8 and torch.equal(labels.long(), (s[:, 0] > 0).long())
     # class-1 probability is exactly the saliency map
     torch.testing.assert_close(torch.softmax(logits, 1)[:, 1:], torch.sigmoid(s))
 
@@ -61,6 +61,6 @@ def test_a_saved_patch_head_predicts_as_the_library_does(running, stubs, backbon
                                       metadata=running.metadata("taskhead"), timeout=120)
     assert response.kind == tpb.HEAD_KIND_SEGMENTER
     torch.testing.assert_close(proto_to_tensor(response.logits), expected)
-    assert torch.equal(proto_to_tensor(response.labels), expected.argmax(1))
+    assert torch.equal(proto_to_tensor(response.labels).long(), expected.argmax(1))
     listed = stubs.taskhead.ListHeads(tpb.ListHeadsRequest(), metadata=running.metadata("taskhead")).heads
     assert [list(h.class_names) for h in listed if h.head_id == head_id] == [["sky", "cat", "other"]]
