@@ -4,7 +4,12 @@ An experiment names a backbone, a layer, an SAE, a head and a dataset (DESIGN.md
 experiments). Its **edit plan** is a list of :class:`PlanEntry`: latents edited together, optionally only in the
 patches of one target class. The plan is either given (explicit latents) or **automatic per class**: for each class,
 the latent that best predicts that class's patches, by the best F1 over activation thresholds and patch-purity
-thresholds (:class:`LatentSelector`, after the reference code's ``get_latent_lookup``).
+thresholds (:class:`LatentSelector`, after the reference code's ``get_latent_lookup``). With
+``selection="f1-attribution"`` (classification, models in process) the choice is made among the ``candidates`` best
+detectors of the class: the one whose removal is estimated to lower the class's logit the most on the selection
+images (the head's gradient at layer L times the latent's contribution ``f_s · decode direction_s``, summed over
+patches: a first-order estimate, as attribution patching makes). A good detector is not always what the head reads:
+on a small SAE the best face-patch detector can even raise a face probe's logit when removed.
 
 Every entry runs with two **baselines** in the same pass over the data:
 
@@ -87,6 +92,9 @@ class PlanEntry:
     """Automatic plans: the activation threshold of that F1."""
     purity_threshold: float | None = None
     """Automatic plans: the patch-purity threshold of that F1."""
+    attribution: float | None = None
+    """Automatic plans with ``selection="f1-attribution"``: the estimated drop of the class's logit per selection
+    image when the latent is removed."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "latents", tuple(int(i) for i in self.latents))
@@ -132,6 +140,11 @@ class ExperimentConfig:
     """Automatic plans: patches count only when this share of their pixels hold their majority class."""
     max_frequency: float = 1e-2
     """Automatic plans and random latents: latents firing more often than this (dense) are not chosen."""
+    selection: Literal["f1", "f1-attribution"] = "f1"
+    """Automatic plans: 'f1' takes each class's best detector; 'f1-attribution' (classification, in process) the
+    one among its ``candidates`` best detectors whose removal is estimated to lower the class's logit most."""
+    candidates: int = 10
+    """Detectors per class that ``selection="f1-attribution"`` chooses among."""
     labels: Literal["auto", "dataset", "prediction"] = "auto"
     """Where class labels come from: 'dataset' (image labels / masks), 'prediction' (the head's unedited output),
     'auto' (the dataset's when it has them)."""
@@ -158,6 +171,10 @@ class ExperimentConfig:
             raise ValueError(f"unknown baselines {sorted(unknown)}; known: {', '.join(BASELINES)}")
         if self.labels not in ("auto", "dataset", "prediction"):
             raise ValueError(f"labels must be 'auto', 'dataset' or 'prediction', got {self.labels!r}")
+        if self.selection not in ("f1", "f1-attribution"):
+            raise ValueError(f"selection must be 'f1' or 'f1-attribution', got {self.selection!r}")
+        if self.candidates <= 0:
+            raise ValueError("candidates must be positive")
         if self.batch_size <= 0 or (self.max_images is not None and self.max_images <= 0):
             raise ValueError("batch_size and max_images must be positive")
         if not self.activation_thresholds or not self.purity_thresholds:
@@ -198,6 +215,8 @@ class SelectedLatent(NamedTuple):
     purity_threshold: float
     n_patches: int
     """Patches of the class at that purity threshold."""
+    attribution: float | None = None
+    """With attribution (:meth:`LatentSelector.best` ``candidates``): the estimated logit drop per image."""
 
 
 class LatentSelector:
@@ -219,8 +238,20 @@ class LatentSelector:
         self.tp = torch.zeros(n_classes, p, t, d_sae, dtype=torch.int32, device=device)
         self.fires = torch.zeros(p, t, d_sae, dtype=torch.int32, device=device)
         self.n_class = torch.zeros(n_classes, p, dtype=torch.int32, device=device)
+        self.attribution: Tensor | None = None
+        """Optional ``[C, S]`` float64: summed estimated drops of each class's logit when a latent is removed
+        (:meth:`update_attribution`), and ``attribution_n`` ``[C]`` the images summed."""
+        self.attribution_n: Tensor | None = None
 
     @torch.no_grad()
+    def update_attribution(self, drop_bs: Tensor, classes_b: Tensor) -> None:
+        """Fold in per-image estimated drops ``[B, S]`` of the image's own class logit (``classes_b`` ``[B]``)."""
+        if self.attribution is None:
+            self.attribution = torch.zeros(self.n_classes, self.d_sae, dtype=torch.float64)
+            self.attribution_n = torch.zeros(self.n_classes, dtype=torch.float64)
+        classes_b = classes_b.cpu().long()
+        self.attribution.index_add_(0, classes_b, drop_bs.detach().cpu().double())
+        self.attribution_n.index_add_(0, classes_b, torch.ones(len(classes_b), dtype=torch.float64))
     def update(self, codes_ns: Tensor, labels_n: Tensor, purity_n: Tensor | None = None) -> None:
         """Fold in patches: codes ``[n, d_sae]``, class labels ``[n]``, purity ``[n]`` (None: all pure)."""
         dev = self.tp.device
@@ -242,31 +273,50 @@ class LatentSelector:
         den = self.fires.double()[None] + self.n_class.double()[:, :, None, None]
         return torch.where(den > 0, 2 * self.tp.double() / den.clamp_min(1), torch.zeros_like(den))
 
-    def best(self, classes: Sequence[int], allowed_s: Tensor | None = None) -> list[SelectedLatent]:
+    def best(self, classes: Sequence[int], allowed_s: Tensor | None = None, *,
+             candidates: int | None = None) -> list[SelectedLatent]:
         """The best latent of each class in ``classes`` that occurred (ties: the first in (purity, threshold,
-        latent) order). ``allowed_s`` (bool ``[d_sae]``) excludes the rest."""
+        latent) order). ``allowed_s`` (bool ``[d_sae]``) excludes the rest. With ``candidates`` (and attribution
+        folded in), among the class's ``candidates`` best detectors the one with the largest estimated logit drop."""
         f1 = self.f1().cpu()
         if allowed_s is not None:
             f1 = f1.masked_fill(~allowed_s.cpu().bool()[None, None, None], -1.0)
+        if candidates is not None and self.attribution is None:
+            raise ValueError("attribution-based choice needs update_attribution() first")
         out = []
         p_n, t_n = len(self.purities), len(self.thresholds)
         for c in classes:
             if not 0 <= c < self.n_classes or int(self.n_class[c].max()) == 0:
                 continue
-            flat = int(torch.argmax(f1[c].reshape(-1)))
-            pi, rest = divmod(flat, t_n * self.d_sae)
-            ti, s = divmod(rest, self.d_sae)
+            drop = None
+            if candidates is None:
+                flat = int(torch.argmax(f1[c].reshape(-1)))
+                pi, rest = divmod(flat, t_n * self.d_sae)
+                ti, s = divmod(rest, self.d_sae)
+            else:
+                best_s = f1[c].reshape(-1, self.d_sae).max(0).values  # each latent's best F1 over (purity, threshold)
+                pool = torch.argsort(best_s, descending=True, stable=True)[:candidates]
+                pool = pool[best_s[pool] >= 0]  # allowed ones only
+                if not len(pool) or float(self.attribution_n[c]) == 0:
+                    continue
+                per_image = self.attribution[c] / self.attribution_n[c]
+                s = int(pool[int(torch.argmax(per_image[pool]))])
+                drop = float(per_image[s])
+                pi, ti = divmod(int(torch.argmax(f1[c, :, :, s].reshape(-1))), t_n)
             assert pi < p_n
             out.append(SelectedLatent(int(c), s, float(f1[c, pi, ti, s]), self.thresholds[ti], self.purities[pi],
-                                      int(self.n_class[c, pi])))
+                                      int(self.n_class[c, pi]), drop))
         return out
 
     def seen_classes(self) -> list[int]:
         return [int(c) for c in (self.n_class[:, 0] > 0).nonzero().squeeze(1).tolist()]
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {"tp": self.tp.cpu(), "fires": self.fires.cpu(), "n_class": self.n_class.cpu(),
-                "activation_thresholds": self.act_t, "purity_thresholds": self.purity_t}
+        state = {"tp": self.tp.cpu(), "fires": self.fires.cpu(), "n_class": self.n_class.cpu(),
+                 "activation_thresholds": self.act_t, "purity_thresholds": self.purity_t}
+        if self.attribution is not None:
+            state["attribution"], state["attribution_n"] = self.attribution, self.attribution_n
+        return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         if not (torch.equal(state["activation_thresholds"], self.act_t)
@@ -274,6 +324,7 @@ class LatentSelector:
             raise ValueError("the checkpointed selector used other thresholds than this experiment")
         dev = self.tp.device
         self.tp, self.fires, self.n_class = (state["tp"].to(dev), state["fires"].to(dev), state["n_class"].to(dev))
+        self.attribution, self.attribution_n = state.get("attribution"), state.get("attribution_n")
 
 
 def allowed_latents(sae, max_frequency: float) -> Tensor:
@@ -415,6 +466,13 @@ class Experiment:
             raise ValueError("patch labels from the dataset's masks need the backbone's image transform, which this "
                              f"backbone ({backbone!r}) does not have (a served backbone); run in process, or use "
                              "labels='prediction'")
+        if config.selection == "f1-attribution" and config.automatic:
+            if self.task != "classify":
+                raise ValueError("selection='f1-attribution' ranks latents by a classifier's logit; segmentation "
+                                 "plans use selection='f1'")
+            if not getattr(backbone, "differentiable", True) or not getattr(head, "differentiable", True):
+                raise ValueError("selection='f1-attribution' needs the head's gradient, which served models do not "
+                                 "give; run in process, or use selection='f1'")
         self.fingerprint = self._fingerprint()
 
     # -- setup ----------------------------------------------------------------------------------------------------
@@ -446,7 +504,7 @@ class Experiment:
             if not e.random_latents:
                 e = PlanEntry(e.latents, e.target_class,
                               draw_random_latents(self.allowed, e.latents, len(e.latents), self.config.seed, k),
-                              e.score, e.activation_threshold, e.purity_threshold)
+                              e.score, e.activation_threshold, e.purity_threshold, e.attribution)
             out.append(e)
         return out
 
@@ -559,8 +617,11 @@ class Experiment:
             patches_bpd = prepared.resid_btd[:, lo.n_prefix_tokens:]
             codes_ns = self.sae.encode(patches_bpd.reshape(-1, lo.d_model).to(self.sae.W_dec.device))
             if self.task == "classify":
-                labels = self._image_classes(ok, prepared).repeat_interleave(lo.n_patches)
+                classes_b = self._image_classes(ok, prepared)
+                labels = classes_b.repeat_interleave(lo.n_patches)
                 purity = None
+                if cfg.selection == "f1-attribution":
+                    sel.update_attribution(self._removal_drops(prepared.resid_btd, classes_b, codes_ns), classes_b)
             else:
                 labels_b, purity_b = self._patch_labels(ok, prepared)
                 labels, purity = labels_b.reshape(-1), purity_b.reshape(-1)
@@ -572,10 +633,29 @@ class Experiment:
             classes = self.config.classes
             if classes is None:
                 classes = [c for c in sel.seen_classes() if c != self.config.background]
-            chosen = sel.best(classes, self.allowed)
-            plan = [PlanEntry((s.latent,), s.target_class, (), s.f1, s.activation_threshold, s.purity_threshold)
-                    for s in chosen]
+            candidates = self.config.candidates if self.config.selection == "f1-attribution" else None
+            chosen = sel.best(classes, self.allowed, candidates=candidates)
+            plan = [PlanEntry((s.latent,), s.target_class, (), s.f1, s.activation_threshold, s.purity_threshold,
+                              s.attribution) for s in chosen]
             self._start_run(state, plan)
+
+    def _removal_drops(self, resid_btd: Tensor, classes_b: Tensor, codes_ns: Tensor) -> Tensor:
+        """Per image and latent ``[B, S]``: the first-order estimate of how much removing the latent from every patch
+        lowers the logit of the image's class (centred over classes): ``Σ_patches f_s · (direction_s · ∇ logit)``,
+        with ``direction_s`` the latent's decoded direction in raw activation space (``W_dec[s] · σ``)."""
+        lo, sae = self.backbone.layout, self.sae
+        with torch.inference_mode(False), torch.enable_grad():
+            resid = resid_btd.detach().clone().requires_grad_(True)  # a normal tensor, also from inference mode
+            final = self.backbone.forward_from(resid, self.iv.layer)
+            logits = self.head.predict(self.backbone, final).logits.float()
+            centred = logits - logits.mean(1, keepdim=True)
+            index = classes_b.to(logits.device)[:, None].clone()  # gather saves its index: no inference tensor
+            (grad,) = torch.autograd.grad(centred.gather(1, index).sum(), resid)
+        with torch.no_grad():
+            b = resid_btd.shape[0]
+            grad_nd = grad[:, lo.n_prefix_tokens:].reshape(-1, lo.d_model).to(sae.W_dec.device)
+            proj_ns = (grad_nd * sae.norm_scale) @ sae.W_dec.T  # ∇ logit · direction_s, per patch
+            return (codes_ns * proj_ns).reshape(b, lo.n_patches, sae.d_sae).sum(1)
 
     def _edits(self, latents: Sequence[int], patches) -> list[Edit]:
         c = self.config
@@ -704,7 +784,8 @@ class Experiment:
             per_entry.append({"entry": k, "class": e.target_class,
                               "class_name": None if e.target_class is None else head.classes[e.target_class],
                               "latents": list(e.latents), "random_latents": list(e.random_latents),
-                              "score": e.score, "activation_threshold": e.activation_threshold,
+                              "score": e.score, "attribution": e.attribution,
+                              "activation_threshold": e.activation_threshold,
                               "purity_threshold": e.purity_threshold,
                               "arms": {arm: _summarise(t.get(arm, {}), self.task) for arm in self.arms}})
         arms = {arm: _pool([state.totals.get(str(k), {}).get(arm, {}) for k in range(len(plan))], self.task)

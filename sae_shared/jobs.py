@@ -361,6 +361,12 @@ class ExperimentSpec(_Spec):
     """Automatic plans: patch-purity thresholds of the F1 search."""
     max_frequency: float = Field(1e-2, gt=0, le=1)
     """Latents firing more often than this are never chosen (automatic plans, random latents)."""
+    selection: Literal["f1", "f1-attribution"] = "f1"
+    """Automatic plans: 'f1' takes each class's best patch detector; 'f1-attribution' (classification heads,
+    via='local') the one among its ``candidates`` best detectors whose removal is estimated, from the head's
+    gradient on the selection images, to lower the class's logit most."""
+    candidates: int = Field(10, ge=1, le=1024)
+    """Detectors per class that selection='f1-attribution' chooses among."""
     labels: Literal["auto", "dataset", "prediction"] = "auto"
     """Class labels from the dataset, from the head's unedited prediction, or the dataset's when it has them."""
     images: tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]] | None = None
@@ -393,6 +399,9 @@ class ExperimentSpec(_Spec):
             if local_only:
                 raise ValueError(f"{', '.join(local_only)} apply to via='local' only: the services run the models "
                                  "they were configured with")
+            if self.selection == "f1-attribution":
+                raise ValueError("selection='f1-attribution' needs the head's gradient, which the services do not "
+                                 "give: use via='local', or selection='f1'")
         given = [f for f in ("latents", "edits", "plan") if getattr(self, f) is not None]
         if len(given) > 1:
             raise ValueError(f"give one plan: {' or '.join(given)} (or none of them for an automatic plan)")

@@ -791,7 +791,7 @@ class Queue:
             int(backoff_seconds * 1000), int(max_backoff_seconds * 1000),
         )
         job = self.get(found_id)
-        if outcome == "existing" and idempotency_key and (job.type != job_type or job.spec != json.loads(body)):
+        if outcome == "existing" and idempotency_key and (job.type != job_type or not _same_spec(job, body)):
             raise IdempotencyConflict(
                 f"idempotency key {idempotency_key!r} already names job {job.id} ({job.type}) with a different "
                 "spec: use a new key for a different job"
@@ -1147,3 +1147,14 @@ class Queue:
     def mark_cancelled(self, lease: Lease) -> JobState:
         """The handler stopped because of a cancel request."""
         return JobState(self._run("cancelled", lease.job_id, lease.epoch))
+
+
+def _same_spec(job: Job, body: str) -> bool:
+    """Whether a stored job's spec is the one just submitted, both read by this version's model: a job stored by
+    an older version (without a field added since, with its default) is still the same job."""
+    if job.spec == json.loads(body):
+        return True
+    try:
+        return spec_json(validate_spec(job.type, job.spec)) == body
+    except InvalidSpec:
+        return False

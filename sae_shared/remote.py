@@ -112,6 +112,8 @@ class RemoteBackbone:
     """
 
     transform = None
+    differentiable = False
+    """Answers carry no gradient (an experiment's ``selection='f1-attribution'`` needs one)."""
 
     def __init__(self, client, info, limits: Limits = Limits()):
         self.client, self.limits = client, limits
@@ -259,6 +261,8 @@ class RemoteSAE:
 
 class RemoteHead:
     """A head served by the task-head service: ``predict(backbone, final_btd)`` -> ``HeadOutput``."""
+
+    differentiable = False
 
     def __init__(self, client, head_id: str, kind: str, task: str, classes: Sequence[str], contract: HeadContract,
                  limits: Limits = Limits()):

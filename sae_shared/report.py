@@ -72,7 +72,9 @@ def _gallery(store, sae_id: str, stats, experiments: dict[str, Any]) -> list[dic
             what = entry.get("class_name") or exp["task"]
             n = len(entry["latents"])
             if n == 1:
-                roles.setdefault(int(entry["latents"][0]), f"chosen for “{what}” (F1 {_num(entry.get('score'))})")
+                drop = entry.get("attribution")
+                why = f"F1 {_num(entry.get('score'))}" + ("" if drop is None else f", estimated logit drop {_num(drop)}")
+                roles.setdefault(int(entry["latents"][0]), f"chosen for “{what}” ({why})")
                 roles.setdefault(int(entry["random_latents"][0]), f"random-latent baseline for “{what}”")
             else:  # a multi-latent plan: its first three
                 for i in entry["latents"][:3]:
@@ -346,9 +348,12 @@ def _experiment_rows(exp: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     return header, rows
 
 
+PLAN_HEADER = ["class", "latent", "F1 (selection)", "estimated logit drop (selection)", "random-latent baseline"]
+
+
 def _plan_rows(exp: dict[str, Any]) -> list[list[Any]]:
     return [[e.get("class_name"), ", ".join(map(str, e["latents"])), _num(e.get("score")),
-             ", ".join(map(str, e["random_latents"]))] for e in exp["plan"]]
+             _num(e.get("attribution")), ", ".join(map(str, e["random_latents"]))] for e in exp["plan"]]
 
 
 def _stage_rows(r: dict[str, Any]) -> list[list[Any]]:
@@ -383,9 +388,15 @@ def _what_was_run(r: dict[str, Any]) -> list[list[Any]]:
                      + (f", held-out accuracy {_num(acc)}" if acc is not None else "")])
     for exp in r["experiments"].values():
         spec = exp["spec"]
+        rule = ("best F1" if spec.get("selection", "f1") == "f1" else
+                f"among the {spec.get('candidates', 10)} best F1, the largest estimated logit drop")
         what = ("the latents of an explicit plan" if spec.get("plan") else
-                f"the latent chosen per class (best F1, firing on ≤ {spec.get('max_frequency', 0.01)} of tokens)")
-        rows.append([exp["title"], f"{spec['op']} {spec['value']} on {what}, {exp['n_images']} images, "
+                f"the latent chosen per class ({rule}, firing on ≤ {spec.get('max_frequency', 0.01)} of tokens)")
+        chosen_on = (f", chosen on images {spec['selection_images'][0]}–{spec['selection_images'][1] - 1}"
+                     if spec.get("selection_images") and not spec.get("plan") else "")
+        images = (f"edited in images {spec['images'][0]}–{spec['images'][1] - 1}" if spec.get("images") else
+                  f"{exp['n_images']} images")
+        rows.append([exp["title"], f"{spec['op']} {spec['value']} on {what}{chosen_on}, {images}, "
                                    f"labels {spec.get('labels')}, seed {spec.get('seed')}"])
     return rows
 
@@ -442,7 +453,7 @@ def render_html(r: dict[str, Any]) -> str:
                "probability even when its logit moves.</p>")
     for exp in r["experiments"].values():
         out.append(f"<h3>{_e(exp['title'])}</h3>")
-        out.append(_table(["class", "latent", "F1 (selection)", "random-latent baseline"], _plan_rows(exp)))
+        out.append(_table(PLAN_HEADER, _plan_rows(exp)))
         header, rows = _experiment_rows(exp)
         out.append(_table(header, rows))
     out.append("<p class=\"note\">Drift: what the edit did to the latents it did not aim at, averaged over images: "
@@ -486,7 +497,7 @@ def render_markdown(r: dict[str, Any]) -> str:
                          "**chosen**" if m["chosen"] else ""] for m in r["members"]])
     for exp in r["experiments"].values():
         lines += ["", f"## {exp['title']}", ""]
-        lines += _md_table(["class", "latent", "F1 (selection)", "random-latent baseline"], _plan_rows(exp))
+        lines += _md_table(PLAN_HEADER, _plan_rows(exp))
         lines.append("")
         header, rows = _experiment_rows(exp)
         lines += _md_table(header, rows)

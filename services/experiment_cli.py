@@ -247,6 +247,10 @@ def experiment_command(
     purity_thresholds: Optional[str] = typer.Option(None, "--purity-thresholds", help="Automatic plans: "
                                                     "comma-separated in [0, 1] (default 0.5,0.75,1)."),
     max_frequency: float = typer.Option(1e-2, "--max-frequency", help="Latents firing more often are never chosen."),
+    selection: str = typer.Option("f1", "--selection", help="Automatic plans: f1 (each class's best patch detector) "
+                                  "or f1-attribution (among its --candidates best detectors, the one whose removal "
+                                  "the head's gradient says lowers the class's logit most; classifiers, --via local)."),
+    candidates: int = typer.Option(10, "--candidates", min=1, help="Detectors per class f1-attribution chooses among."),
     labels: str = typer.Option("auto", "--labels", help="auto, dataset or prediction (the head's unedited output)."),
     images: Optional[str] = typer.Option(None, "--images", help="Experiment images start:stop (default all)."),
     selection_images: Optional[str] = typer.Option(None, "--selection-images", help="Automatic plans: images "
@@ -291,7 +295,7 @@ def experiment_command(
         "relative": relative, "baselines": base, "activation_thresholds": _floats(activation_thresholds,
                                                                                  "--activation-thresholds"),
         "purity_thresholds": _floats(purity_thresholds, "--purity-thresholds"), "max_frequency": max_frequency,
-        "labels": labels, "images": _span(images, "--images"),
+        "selection": selection, "candidates": candidates, "labels": labels, "images": _span(images, "--images"),
         "selection_images": _span(selection_images, "--selection-images"), "max_images": max_images,
         "batch_size": batch_size, "seed": seed, "output": output, "overwrite": overwrite, "device": device,
         "via": via,

@@ -210,6 +210,7 @@ def test_via_services_spec_and_error_mapping():
     for extra, message in [({"via": "services", "services_url": "grpc://127.0.0.1:9000"}, "services_url: unknown field"),
                            ({"via": "services", "checkpoint": "w.onnx"}, "checkpoint apply to via='local' only"),
                            ({"via": "services", "device": "cuda"}, "device apply to via='local' only"),
+                           ({"via": "services", "selection": "f1-attribution"}, "needs the head's gradient"),
                            ({"via": "remote"}, "via: Input should be 'local' or 'services'")]:
         with pytest.raises(InvalidSpec, match=re.escape(message)):
             validate_spec("experiment", {**SPEC, **extra})

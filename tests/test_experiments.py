@@ -293,3 +293,45 @@ def test_labels_can_come_from_the_heads_own_prediction(clip, sae, seg_head):
     assert result.state.phase == "done" and result.report["per_entry"]
     with pytest.raises(ValueError, match="needs masks"):
         Experiment(ExperimentConfig(labels="dataset"), clip, sae, seg_head, ds).run()
+
+
+def test_attribution_selection_takes_the_detector_whose_removal_lowers_the_class_logit_most(clip, sae, probe,
+                                                                                            seg_head):
+    ds = ClassifySet(12)
+    cfg = ExperimentConfig(classes=(1,), selection="f1-attribution", candidates=5, max_frequency=1.0, batch_size=4)
+    exp = Experiment(cfg, clip, sae, probe, ds)
+    state = exp.new_state()
+    while state.phase == "select":  # through a checkpoint after every step, as a job resumes
+        exp.step(state)
+        state = ExperimentState.from_bytes(state.to_bytes())
+    (entry,) = state.plan
+
+    # the reference: the class's 5 best detectors by F1, and for each the derivative of the centred class-1 logit
+    # along "remove the latent from every patch" (central differences, no autograd), per class-1 image
+    lo, ones = clip.layout, [i for i in range(len(ds)) if ds.labels[i] == 1]
+    with torch.no_grad():
+        resid = clip.forward_to(clip.preprocess_batch([ds.load_image(i) for i in range(len(ds))]), LAYER)
+        codes_bps = sae.encode(resid[:, lo.n_prefix_tokens:])
+    ref = LatentSelector(3, sae.d_sae, cfg.activation_thresholds, cfg.purity_thresholds)
+    ref.update(codes_bps.reshape(-1, sae.d_sae), torch.tensor(ds.labels).repeat_interleave(lo.n_patches))
+    pool = torch.argsort(ref.f1()[1].reshape(-1, sae.d_sae).max(0).values, descending=True, stable=True)[:5]
+
+    def centred_logit(r):
+        logits = probe.predict(clip, clip.forward_from(r, LAYER)).logits
+        return (logits[:, 1] - logits.mean(1)).sum()
+
+    drops = {}
+    for s in pool.tolist():
+        v = torch.zeros_like(resid[ones])
+        v[:, lo.n_prefix_tokens:] = -codes_bps[ones][:, :, s, None] * (sae.W_dec[s] * sae.norm_scale).detach()
+        eps = 1e-2
+        with torch.no_grad():
+            slope = (centred_logit(resid[ones] + eps * v) - centred_logit(resid[ones] - eps * v)) / (2 * eps)
+        drops[s] = -float(slope) / len(ones)
+    best = max(drops, key=drops.get)
+    assert entry.latents == (best,) and entry.target_class == 1
+    assert entry.attribution == pytest.approx(drops[best], rel=2e-2, abs=1e-5)
+    assert entry.score == pytest.approx(float(ref.f1()[1, :, :, best].max()))
+
+    with pytest.raises(ValueError, match="classifier"):
+        Experiment(ExperimentConfig(selection="f1-attribution"), clip, sae, seg_head, SyntheticSet(4))

@@ -6,6 +6,8 @@ Each test uses its own namespace on the shared server. Workers are simulated her
 
 from __future__ import annotations
 
+import json
+
 import secrets
 import threading
 import time
@@ -74,6 +76,11 @@ def test_idempotent_submit_returns_the_same_job(queue):
     assert queue.client.xlen(queue.stream_key("count")) == 1
     with pytest.raises(IdempotencyConflict, match="different spec"):
         queue.submit("count", {"steps": 3}, idempotency_key="nightly-1")
+    # A job stored before a field with a default existed (as an older version wrote it) is still the same job.
+    stored = json.loads(queue.client.hget(queue._key("job", first.id), "spec"))
+    del stored["ignore_lease_loss"]
+    queue.client.hset(queue._key("job", first.id), "spec", json.dumps(stored))
+    assert queue.submit("count", {"steps": 2}, idempotency_key="nightly-1").id == first.id
     # The job is claimed once, however often it was submitted.
     assert _claim(queue).job_id == first.id
     assert _claim(queue) is None

@@ -103,6 +103,8 @@ def experiment_config(spec: ExperimentSpec, classes: list[str]) -> ExperimentCon
         activation_thresholds=tuple(spec.activation_thresholds),
         purity_thresholds=tuple(spec.purity_thresholds),
         max_frequency=spec.max_frequency,
+        selection=spec.selection,
+        candidates=spec.candidates,
         labels=spec.labels,
         images=None if spec.images is None else tuple(spec.images),
         max_images=spec.max_images,
@@ -294,7 +296,8 @@ def _run(ctx: JobContext, spec: ExperimentSpec, exp: Experiment, output: str) ->
         "resumed_from": resumed_from,
         "images_per_s": images_done / max(elapsed, 1e-9),
         "plan": [{"class": e["class"], "class_name": e["class_name"], "latents": e["latents"],
-                  "random_latents": e["random_latents"], "score": e["score"]} for e in report["per_entry"]],
+                  "random_latents": e["random_latents"], "score": e["score"],
+                  "attribution": e["attribution"]} for e in report["per_entry"]],
         "arms": report["arms"],
     })
 
