@@ -252,6 +252,8 @@ class LatentSelector:
         classes_b = classes_b.cpu().long()
         self.attribution.index_add_(0, classes_b, drop_bs.detach().cpu().double())
         self.attribution_n.index_add_(0, classes_b, torch.ones(len(classes_b), dtype=torch.float64))
+
+    @torch.no_grad()
     def update(self, codes_ns: Tensor, labels_n: Tensor, purity_n: Tensor | None = None) -> None:
         """Fold in patches: codes ``[n, d_sae]``, class labels ``[n]``, purity ``[n]`` (None: all pure)."""
         dev = self.tp.device
