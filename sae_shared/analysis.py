@@ -908,8 +908,8 @@ class _RangedTensors:
         """``tensor[i:j]`` (``j`` default ``i + 1``) along the first axis."""
         dtype, shape, (b0, _) = self.entries[name]
         j = i + 1 if j is None else j
-        if not 0 <= i < j <= shape[0]:
-            raise IndexError(f"{self.key}: {name} has {shape[0]} entries, asked for [{i}, {j})")
+        if not 0 <= i < j <= shape[0]:  # callers check latents and images first: a short table is a bad file
+            raise AnalysisError(f"{self.key}: {name} has {shape[0]} entries, asked for [{i}, {j})")
         inner = math.prod(shape[1:])
         item = torch.empty((), dtype=dtype).element_size()
         data = self.store.get_bytes(self.key, self.start + b0 + i * inner * item, (j - i) * inner * item)
