@@ -23,9 +23,10 @@ For each image the forward to layer L runs once (:meth:`Intervener.prepare`); ev
 
 - classification: ``flip_rate`` (share of images whose predicted class changes) and ``prob_drop`` (mean drop of the
   target class's probability; the target is the entry's class, or the unedited prediction when the entry has none);
-- segmentation: ``target_change_rate`` (share of the class's patches whose predicted class changes) and
-  ``other_change_rate`` (share of the other patches of the same images that change), pooled and as mean / std
-  across classes (the spread);
+- segmentation: ``target_change_rate`` (share of the class's patches whose predicted class changes),
+  ``other_change_rate`` (share of the other patches of the same images that change) and ``target_prob_drop`` (mean
+  over images of the drop of the class's probability averaged over its patches: a graded effect where no patch
+  changes class), pooled and as mean / std across classes (the spread);
 - for every arm the off-target drift (``sae_shared.interventions.Drift``, averaged over images).
 
 The class's patches come from the dataset's masks (majority vote per patch; ``labels="dataset"``) or from the head's
@@ -730,7 +731,7 @@ class Experiment:
                     arm_rec = self._classify_record(res, j, target)
                 else:
                     sel_patches = (patch_labels[img_pos] == c) if c is not None else None
-                    arm_rec = self._segment_record(res, j, sel_patches)
+                    arm_rec = self._segment_record(res, j, sel_patches, c)
                 arm_rec["drift"] = {key: _finite(float(getattr(res.drift, key)[j])) for key in DRIFT_KEYS}
                 rec["arms"][arm] = arm_rec
                 _accumulate(totals[arm], arm_rec)
@@ -745,12 +746,20 @@ class Experiment:
                 "p_target_after": float(res.after.probs[j, target])}
 
     @staticmethod
-    def _segment_record(res: InterventionResult, j: int, target_patches: Tensor | None) -> dict[str, Any]:
+    def _segment_record(res: InterventionResult, j: int, target_patches: Tensor | None,
+                        target_class: int | None) -> dict[str, Any]:
         changed = res.changed_patches[j].cpu()
         tgt = torch.ones_like(changed) if target_patches is None else target_patches.cpu()
-        return {"n_target": int(tgt.sum()), "n_target_changed": int((changed & tgt).sum()),
-                "n_other": int((~tgt).sum()), "n_other_changed": int((changed & ~tgt).sum()),
-                "pixels_changed": int(res.changed[j].sum())}
+        rec = {"n_target": int(tgt.sum()), "n_target_changed": int((changed & tgt).sum()),
+               "n_other": int((~tgt).sum()), "n_other_changed": int((changed & ~tgt).sum()),
+               "pixels_changed": int(res.changed[j].sum())}
+        if tgt.any():  # the class's probability over its patches (no class: each patch's unedited prediction)
+            cls = (res.before.patch_labels[j] if target_class is None else
+                   torch.full_like(res.before.patch_labels[j], target_class)).cpu()
+            before = res.before.patch_probs[j].cpu().gather(0, cls[None])[0][tgt]
+            after = res.after.patch_probs[j].cpu().gather(0, cls[None])[0][tgt]
+            rec["p_target_before"], rec["p_target_after"] = float(before.mean()), float(after.mean())
+        return rec
 
     # -- driving and reporting ------------------------------------------------------------------------------------
 
@@ -811,6 +820,9 @@ def _accumulate(t: dict[str, Any], rec: dict[str, Any]) -> None:
     else:
         for key in ("n_target", "n_target_changed", "n_other", "n_other_changed"):
             t[key] = t.get(key, 0) + rec[key]
+        if "p_target_before" in rec:
+            t["sum_prob_drop"] = t.get("sum_prob_drop", 0.0) + (rec["p_target_before"] - rec["p_target_after"])
+            t["n_prob"] = t.get("n_prob", 0) + 1
     for key, v in rec["drift"].items():
         if v is not None:
             t[f"drift_sum_{key}"] = t.get(f"drift_sum_{key}", 0.0) + v
@@ -832,7 +844,8 @@ def _summarise(t: dict[str, Any], task: str) -> dict[str, Any]:
                 "prob_drop": _rate(t.get("sum_prob_drop", 0.0), t.get("n", 0)), "drift": _drift(t)}
     return {"n_images": t.get("n", 0), "n_target": t.get("n_target", 0), "n_other": t.get("n_other", 0),
             "target_change_rate": _rate(t.get("n_target_changed", 0), t.get("n_target", 0)),
-            "other_change_rate": _rate(t.get("n_other_changed", 0), t.get("n_other", 0)), "drift": _drift(t)}
+            "other_change_rate": _rate(t.get("n_other_changed", 0), t.get("n_other", 0)),
+            "target_prob_drop": _rate(t.get("sum_prob_drop", 0.0), t.get("n_prob", 0)), "drift": _drift(t)}
 
 
 def _spread(values: list[float | None]) -> dict[str, float | None]:
@@ -856,6 +869,7 @@ def _pool(ts: list[dict[str, Any]], task: str) -> dict[str, Any]:
     else:
         out["target_change_rate_across_classes"] = _spread([p["target_change_rate"] for p in per])
         out["other_change_rate_across_classes"] = _spread([p["other_change_rate"] for p in per])
+        out["target_prob_drop_across_classes"] = _spread([p["target_prob_drop"] for p in per])
     return out
 
 

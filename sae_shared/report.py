@@ -335,14 +335,14 @@ def _experiment_rows(exp: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     classify = exp["task"] == "classify"
     header = ["arm", "what", "images"]
     header += (["target-class probability drop (mean)", "flip rate"] if classify else
-               ["target-patch change rate", "other-patch change rate"])
+               ["target-patch change rate", "other-patch change rate", "target-patch probability drop (mean)"])
     header += ["drift: mean |Δf| of other latents", "drift: relative ‖Δf‖/‖f‖",
                "drift: other latents flipped per token"]
     rows = []
     for arm, a in exp["arms"].items():
         d = a.get("drift") or {}
         main = ([a.get("prob_drop"), a.get("flip_rate")] if classify else
-                [a.get("target_change_rate"), a.get("other_change_rate")])
+                [a.get("target_change_rate"), a.get("other_change_rate"), a.get("target_prob_drop")])
         rows.append([arm, ARM_NOTES.get(arm, ""), a.get("n_images"), *main, d.get("mean_abs"), d.get("relative"),
                      d.get("flips_per_token")])
     return header, rows

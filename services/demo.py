@@ -362,8 +362,15 @@ def run_demo(home: Path, size: str = "default", *, serve_after: bool = True, htt
 
 def _summary(console, report: dict[str, Any]) -> None:
     for title, exp in report["experiments"].items():
+        arms = exp["arms"]
         if exp["task"] == "classify":
-            arms = exp["arms"]
             parts = [f"{arm}: prob drop {arms[arm]['prob_drop']:+.3g}, flip rate {arms[arm]['flip_rate']:.3f}"
                      for arm in arms]
-            console.print(f"{title}  " + "; ".join(parts))
+        else:
+            parts = [f"{arm}: target-patch prob drop {_fmt(arms[arm].get('target_prob_drop'), '+.3g')}, target "
+                     f"patches changed {_fmt(arms[arm].get('target_change_rate'), '.3f')}" for arm in arms]
+        console.print(f"{title}  " + "; ".join(parts))
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "–" if v is None else format(v, spec)

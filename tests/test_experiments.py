@@ -241,10 +241,17 @@ def test_segmentation_records_add_up_to_the_aggregate(clip, sae, seg_head):
                                                          sum(r["n_other"] for r in recs))
         per_class = [p["arms"][arm]["target_change_rate"] for p in result.report["per_entry"]]
         assert agg["target_change_rate_across_classes"]["std"] == pytest.approx(float(np.std(per_class)))
+        assert agg["target_prob_drop"] == pytest.approx(np.mean([r["p_target_before"] - r["p_target_after"]
+                                                                 for r in recs]))
     first = result.records[0]
     labels, _ = patch_majority(mask_to_input(ds.load_mask(first["image_index"]), clip.transform), 4, 4)
     assert first["arms"]["sae"]["n_target"] == int((labels == first["class"]).sum())
     assert first["arms"]["sae"]["n_target"] + first["arms"]["sae"]["n_other"] == 16
+    # the class's probability over its patches, from the head's own per-patch output
+    iv = Intervener(clip, sae, seg_head)
+    before = iv.prepare([ds.load_image(first["image_index"])]).before.patch_probs[0, first["class"]]
+    assert first["arms"]["sae"]["p_target_before"] == pytest.approx(float(before[labels == first["class"]].mean()),
+                                                                    rel=1e-5)
 
 
 def test_classification_flip_rate_and_probability_drop(clip, sae, probe):
