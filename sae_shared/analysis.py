@@ -86,6 +86,11 @@ MAX_STATE_BYTES = 16 << 30
 """Refuse an analysis whose running state (mostly the float16 heatmaps of every kept view) would exceed this."""
 
 
+class LatentOutOfRange(IndexError):
+    """A latent index beyond the analysed SAE's ``d_sae`` (the caller's mistake; any other IndexError while reading
+    is a damaged analysis)."""
+
+
 class AnalysisError(ValueError):
     """The analysis cannot run on these inputs, or a stored analysis / state is not what it should be."""
 
@@ -983,7 +988,7 @@ class AnalysisReader:
     def _check_latent(self, latent: int) -> int:
         latent = int(latent)
         if not 0 <= latent < self.d_sae:
-            raise IndexError(f"latent {latent} out of range [0, {self.d_sae})")
+            raise LatentOutOfRange(f"latent {latent} out of range [0, {self.d_sae})")
         return latent
 
     def exemplars(self, latent: int, kind: str = "patch", *, limit: int | None = None,
@@ -1107,6 +1112,7 @@ def open_analysis(store, sae_id: str, *, cache_size: int = 16) -> AnalysisReader
 
 __all__ = [
     "ANALYSIS_JSON", "AnalysisError", "AnalysisReader", "AnalysisResult", "AnalyzeOptions", "Exemplar",
-    "ExemplarAnalysis", "NotAnalysed", "analysis_prefix", "analyze", "cache_prefix", "compute_analysis_id",
+    "ExemplarAnalysis", "LatentOutOfRange", "NotAnalysed", "analysis_prefix", "analyze", "cache_prefix",
+    "compute_analysis_id",
     "default_dataset_spec", "existing_analysis", "open_analysis", "write_analysis",
 ]

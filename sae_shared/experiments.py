@@ -176,6 +176,10 @@ class ExperimentConfig:
             raise ValueError(f"selection must be 'f1' or 'f1-attribution', got {self.selection!r}")
         if self.candidates <= 0:
             raise ValueError("candidates must be positive")
+        removal = (self.op, self.value, self.relative) == ("set", 0.0, False)
+        if self.plan is None and not self.latents and self.selection == "f1-attribution" and not removal:
+            raise ValueError("selection='f1-attribution' ranks latents by the estimated effect of removing them: use "
+                             "op='set' with value 0 (or selection='f1')")
         if self.batch_size <= 0 or (self.max_images is not None and self.max_images <= 0):
             raise ValueError("batch_size and max_images must be positive")
         if not self.activation_thresholds or not self.purity_thresholds:
@@ -299,7 +303,7 @@ class LatentSelector:
             else:
                 best_s = f1[c].reshape(-1, self.d_sae).max(0).values  # each latent's best F1 over (purity, threshold)
                 pool = torch.argsort(best_s, descending=True, stable=True)[:candidates]
-                pool = pool[best_s[pool] >= 0]  # allowed ones only
+                pool = pool[best_s[pool] > 0]  # allowed latents that detect the class at all
                 if not len(pool) or float(self.attribution_n[c]) == 0:
                     continue
                 per_image = self.attribution[c] / self.attribution_n[c]
@@ -623,12 +627,12 @@ class Experiment:
                 classes_b = self._image_classes(ok, prepared)
                 labels = classes_b.repeat_interleave(lo.n_patches)
                 purity = None
-                if cfg.selection == "f1-attribution":
-                    sel.update_attribution(self._removal_drops(prepared.resid_btd, classes_b, codes_ns), classes_b)
             else:
                 labels_b, purity_b = self._patch_labels(ok, prepared)
                 labels, purity = labels_b.reshape(-1), purity_b.reshape(-1)
-            sel.update(codes_ns, labels, purity)
+            sel.update(codes_ns, labels, purity)  # checks the labels are the head's classes
+            if self.task == "classify" and cfg.selection == "f1-attribution":
+                sel.update_attribution(self._removal_drops(prepared.resid_btd, classes_b, codes_ns), classes_b)
         state.selector = sel.state_dict()
         state.position += len(batch)
         state.steps += 1
@@ -656,9 +660,9 @@ class Experiment:
             (grad,) = torch.autograd.grad(centred.gather(1, index).sum(), resid)
         with torch.no_grad():
             b = resid_btd.shape[0]
-            grad_nd = grad[:, lo.n_prefix_tokens:].reshape(-1, lo.d_model).to(sae.W_dec.device)
-            proj_ns = (grad_nd * sae.norm_scale) @ sae.W_dec.T  # ∇ logit · direction_s, per patch
-            return (codes_ns * proj_ns).reshape(b, lo.n_patches, sae.d_sae).sum(1)
+            grad_nd = grad[:, lo.n_prefix_tokens:].reshape(-1, lo.d_model).to(sae.W_dec.device, torch.float32)
+            proj_ns = (grad_nd * sae.norm_scale) @ sae.W_dec.float().T  # ∇ logit · direction_s, per patch
+            return (codes_ns.float() * proj_ns).reshape(b, lo.n_patches, sae.d_sae).sum(1)
 
     def _edits(self, latents: Sequence[int], patches) -> list[Edit]:
         c = self.config

@@ -402,6 +402,10 @@ class ExperimentSpec(_Spec):
             if self.selection == "f1-attribution":
                 raise ValueError("selection='f1-attribution' needs the head's gradient, which the services do not "
                                  "give: use via='local', or selection='f1'")
+        automatic = self.latents is None and self.edits is None and self.plan is None
+        if automatic and self.selection == "f1-attribution" and (*self.edit_op, self.value) != ("set", False, 0.0):
+            raise ValueError("selection='f1-attribution' ranks latents by the estimated effect of removing them: use "
+                             "op 'set' with value 0 (or selection='f1')")
         given = [f for f in ("latents", "edits", "plan") if getattr(self, f) is not None]
         if len(given) > 1:
             raise ValueError(f"give one plan: {' or '.join(given)} (or none of them for an automatic plan)")

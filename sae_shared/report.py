@@ -390,10 +390,11 @@ def _what_was_run(r: dict[str, Any]) -> list[list[Any]]:
         spec = exp["spec"]
         rule = ("best F1" if spec.get("selection", "f1") == "f1" else
                 f"among the {spec.get('candidates', 10)} best F1, the largest estimated logit drop")
-        what = ("the latents of an explicit plan" if spec.get("plan") else
+        explicit = any(spec.get(k) for k in ("plan", "latents", "edits"))
+        what = ("the latents of an explicit plan" if explicit else
                 f"the latent chosen per class ({rule}, firing on ≤ {spec.get('max_frequency', 0.01)} of tokens)")
         chosen_on = (f", chosen on images {spec['selection_images'][0]}–{spec['selection_images'][1] - 1}"
-                     if spec.get("selection_images") and not spec.get("plan") else "")
+                     if spec.get("selection_images") and not explicit else "")
         images = (f"edited in images {spec['images'][0]}–{spec['images'][1] - 1}" if spec.get("images") else
                   f"{exp['n_images']} images")
         rows.append([exp["title"], f"{spec['op']} {spec['value']} on {what}{chosen_on}, {images}, "

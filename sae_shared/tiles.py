@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from sae_shared.analysis import AnalysisError, Exemplar, cache_prefix, open_analysis
+from sae_shared.analysis import AnalysisError, Exemplar, LatentOutOfRange, cache_prefix, open_analysis
 
 TILES_JSON = "tiles.json"
 PACK_FILES = {"patch": "tiles-patch.pack", "cls": "tiles-cls.pack"}
@@ -231,7 +231,7 @@ def get_tile(store, sae_id: str, latent: int, rank: int = 0, kind: str = "patch"
     reader = open_analysis(store, sae_id)
     latent, rank = int(latent), int(rank)
     if not 0 <= latent < reader.d_sae:
-        raise IndexError(f"latent {latent} out of range [0, {reader.d_sae})")
+        raise LatentOutOfRange(f"latent {latent} out of range [0, {reader.d_sae})")
     if not 0 <= rank < reader.top_k:
         raise KeyError(f"rank {rank} out of range: the analysis keeps {reader.top_k} exemplars per latent")
     packed = reader.tiles_index().get("kinds", {}).get(kind)

@@ -340,6 +340,10 @@ def check_experiment(spec, store) -> None:
         raise ValueError(f"latents {bad} are beyond this SAE's {d_sae} latents")
     for c in list(spec.classes or []) + ([spec.background] if spec.background is not None else []):
         class_index(c, head_classes)
+    automatic = spec.latents is None and spec.edits is None and spec.plan is None
+    if automatic and spec.selection == "f1-attribution" and head_cfg.get("task") not in (None, "classify"):
+        raise ValueError(f"--selection f1-attribution ranks latents by a classifier's logit, and heads/{spec.head_id} "
+                         "segments: use --selection f1")
     if spec.edit_op[1] and not sae_cfg.get("statistics"):
         raise ValueError(f"relative edits need the SAE's statistics, and saes/{spec.sae_id} has none: compute them "
                          f"with `saevctl sae stats {spec.sae_id} --acts <acts_id>`")

@@ -384,3 +384,23 @@ def test_tiles_overlay_the_right_patch_of_the_redrawn_view(store, image_set):
 
     with pytest.raises(TileError, match="does not match|not the one"):
         get_tile(store, "s1", 2, 1, dataset="bundled-lfw")
+
+
+def test_a_bad_latent_and_a_damaged_analysis_are_different_errors_through_the_services():
+    """Out of range is the caller's (INVALID_ARGUMENT); a table shorter than the SAE is the stored file's
+    (FAILED_PRECONDITION), whichever read trips over it."""
+    from sae_shared.analysis import LatentOutOfRange
+    from services.common.errors import FailedPrecondition, InvalidArgument
+    from services.sae.analysis_reads import mapped
+
+    def bad_latent():
+        raise LatentOutOfRange("latent 99 out of range [0, 8)")
+
+    def short_table():
+        scales = [0.0] * 4  # a stats table of 4 rows for an SAE of 8 latents
+        return scales[6]
+
+    with pytest.raises(InvalidArgument, match="latent 99 out of range"):
+        mapped(bad_latent)
+    with pytest.raises(FailedPrecondition, match="the stored analysis cannot be read"):
+        mapped(short_table)

@@ -5,6 +5,7 @@ aggregate. Models are a tiny random-weight CLIP tower (4 blocks, width 64, 4x4 p
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -305,6 +306,8 @@ def test_labels_can_come_from_the_heads_own_prediction(clip, sae, seg_head):
 def test_attribution_selection_takes_the_detector_whose_removal_lowers_the_class_logit_most(clip, sae, probe,
                                                                                             seg_head):
     ds = ClassifySet(12)
+    sae = copy.deepcopy(sae)  # a normalisation that is not the identity: directions scale with it
+    sae.set_normalisation(torch.full((clip.layout.d_model,), 0.1), 3.0)
     cfg = ExperimentConfig(classes=(1,), selection="f1-attribution", candidates=5, max_frequency=1.0, batch_size=4)
     exp = Experiment(cfg, clip, sae, probe, ds)
     state = exp.new_state()
@@ -330,7 +333,11 @@ def test_attribution_selection_takes_the_detector_whose_removal_lowers_the_class
     drops = {}
     for s in pool.tolist():
         v = torch.zeros_like(resid[ones])
-        v[:, lo.n_prefix_tokens:] = -codes_bps[ones][:, :, s, None] * (sae.W_dec[s] * sae.norm_scale).detach()
+        one = torch.zeros(2, sae.d_sae)
+        one[0, s] = 1.0
+        with torch.no_grad():
+            decoded = sae.decode(one)
+        v[:, lo.n_prefix_tokens:] = -codes_bps[ones][:, :, s, None] * (decoded[0] - decoded[1])  # the latent's direction
         eps = 1e-2
         with torch.no_grad():
             slope = (centred_logit(resid[ones] + eps * v) - centred_logit(resid[ones] - eps * v)) / (2 * eps)
@@ -342,3 +349,5 @@ def test_attribution_selection_takes_the_detector_whose_removal_lowers_the_class
 
     with pytest.raises(ValueError, match="classifier"):
         Experiment(ExperimentConfig(selection="f1-attribution"), clip, sae, seg_head, SyntheticSet(4))
+    with pytest.raises(ValueError, match="effect of removing them"):
+        ExperimentConfig(selection="f1-attribution", op="scale", value=2.0)

