@@ -351,3 +351,9 @@ def test_attribution_selection_takes_the_detector_whose_removal_lowers_the_class
         Experiment(ExperimentConfig(selection="f1-attribution"), clip, sae, seg_head, SyntheticSet(4))
     with pytest.raises(ValueError, match="effect of removing them"):
         ExperimentConfig(selection="f1-attribution", op="scale", value=2.0)
+    # a backbone computing in bfloat16: the gradient meets the float32 dictionary
+    half = Experiment(cfg, clip.with_dtype("bfloat16"), sae, probe, ds)
+    state = half.new_state()
+    while state.phase == "select":
+        half.step(state)
+    assert len(state.plan) == 1 and state.plan[0].attribution is not None
