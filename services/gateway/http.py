@@ -32,10 +32,9 @@ from services.common import metrics
 from services.common.errors import InvalidArgument, ServiceError, TooLarge, Unauthenticated, to_service_error
 from services.gateway import features
 from services.gateway.openapi import message_schemas, ref
+from services.sae.catalog import SAE_ID_MAX, SAE_ID_PATTERN
 
 STATIC_DIR = Path(__file__).parent / "static"
-SAE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+-]*$"
-"""An SAE id (``services.sae.catalog.SAE_ID``; the length is checked apart)."""
 MAX_INDEX, MAX_INT32 = 1 << 62, (1 << 31) - 1
 ERROR_SCHEMA = {
     "type": "object",
@@ -233,7 +232,7 @@ def create_app(gw) -> FastAPI:
     # -- features from a committed analysis (``saevctl analyze``): 404 until there is one -------------------------
 
     def sae_path():
-        return PathParam(max_length=256, pattern=SAE_ID_PATTERN)
+        return PathParam(max_length=SAE_ID_MAX, pattern=SAE_ID_PATTERN)
 
     def latent_path():
         return PathParam(ge=0, le=MAX_INDEX)

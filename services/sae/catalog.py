@@ -9,8 +9,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-SAE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,255}$")
-"""An SAE id: the name of its folder under ``saes/`` (no slashes, no dot-dot)."""
+SAE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+-]*$"
+"""An SAE id: the name of its folder under ``saes/`` (no slashes, no dot-dot), at most ``SAE_ID_MAX`` characters."""
+SAE_ID_MAX = 256
+SAE_ID = re.compile(SAE_ID_PATTERN.replace("*$", f"{{0,{SAE_ID_MAX - 1}}}$"))
 LIST_LIMIT = 1000
 """Most SAE folders ListSAEs reads from the object store."""
 
