@@ -92,8 +92,13 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-def find_free_base(start: int = 30000, stop: int = 45000, step: int = 16) -> int:
-    """A base port whose whole block (and the admin gRPC port) is free; for tests and parallel runs."""
+def find_free_base(start: int = 20000, stop: int = 22700, step: int = 16) -> int:
+    """A base port whose whole block (and the admin gRPC port) is free; for tests and parallel runs.
+
+    The default range keeps every port of the block (20000-22716) and the admin gRPC ports (+10000: 30008-32724)
+    out of Ray's worker range and below Linux's ephemeral range (32768-60999): a port that is free when checked there
+    can be taken a moment later by any process's outgoing connection (Ray's processes open many), and a server that
+    then fails to bind fails the whole test session (seen once: SeaweedFS's volume port)."""
     rng = secrets.SystemRandom()
     candidates = list(range(start, stop, step))
     rng.shuffle(candidates)
