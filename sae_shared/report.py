@@ -73,7 +73,9 @@ def _gallery(store, sae_id: str, stats, experiments: dict[str, Any]) -> list[dic
             n = len(entry["latents"])
             if n == 1:
                 drop = entry.get("attribution")
-                why = f"F1 {_num(entry.get('score'))}" + ("" if drop is None else f", estimated logit drop {_num(drop)}")
+                why = f"F1 {_num(entry.get('score'))}"
+                if drop is not None:
+                    why += f", estimated logit drop {_num(drop)}"
                 roles.setdefault(int(entry["latents"][0]), f"chosen for “{what}” ({why})")
                 roles.setdefault(int(entry["random_latents"][0]), f"random-latent baseline for “{what}”")
             else:  # a multi-latent plan: its first three

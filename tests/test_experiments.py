@@ -337,7 +337,8 @@ def test_attribution_selection_takes_the_detector_whose_removal_lowers_the_class
         one[0, s] = 1.0
         with torch.no_grad():
             decoded = sae.decode(one)
-        v[:, lo.n_prefix_tokens:] = -codes_bps[ones][:, :, s, None] * (decoded[0] - decoded[1])  # the latent's direction
+        direction = decoded[0] - decoded[1]  # the latent's decoded direction in raw activation space
+        v[:, lo.n_prefix_tokens:] = -codes_bps[ones][:, :, s, None] * direction
         eps = 1e-2
         with torch.no_grad():
             slope = (centred_logit(resid[ones] + eps * v) - centred_logit(resid[ones] - eps * v)) / (2 * eps)

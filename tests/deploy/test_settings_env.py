@@ -20,8 +20,8 @@ THIRD_PARTY = {
     "RAY_AUTH_TOKEN_PATH": "Ray: file holding the token (job workers on Kubernetes mount the Secret)",
     "RAY_ADDRESS": "Ray: the cluster a job worker joins as a client for the recording fan-out",
     "RAY_USAGE_STATS_ENABLED": "Ray: no usage reporting (the cluster has no internet access to spend on it)",
-    "RAY_max_direct_call_object_size": "Ray: calls between deployments carry up to this many bytes inline (8 MiB, as the "
-                                       "local stack sets; services/common/local_ray.py)",
+    "RAY_max_direct_call_object_size": "Ray: calls between deployments carry up to this many bytes inline (8 MiB, "
+                                       "as the local stack sets; services/common/local_ray.py)",
     "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": "Ray Serve: the gRPC proxy's message limit, from Settings (checked below)",
     "MINIO_ROOT_USER": "MinIO: administrator (the minio server and the bucket set-up only)",
     "MINIO_ROOT_PASSWORD": "MinIO: administrator's password (the minio server and the bucket set-up only)",
