@@ -5,10 +5,11 @@ experiments). Its **edit plan** is a list of :class:`PlanEntry`: latents edited 
 patches of one target class. The plan is either given (explicit latents) or **automatic per class**: for each class,
 the latent that best predicts that class's patches, by the best F1 over activation thresholds and patch-purity
 thresholds (:class:`LatentSelector`, after the reference code's ``get_latent_lookup``). With
-``selection="f1-attribution"`` (classification, models in process) the choice is made among the ``candidates`` best
-detectors of the class: the one whose removal is estimated to lower the class's logit the most on the selection
-images (the head's gradient at layer L times the latent's contribution ``f_s · decode direction_s``, summed over
-patches: a first-order estimate, as attribution patching makes). A good detector is not always what the head reads:
+``selection="f1-attribution"`` (models in process) the choice is made among the ``candidates`` best detectors of
+the class: the one whose removal is estimated to lower the class's logit the most on the selection images (the
+head's gradient at layer L times the latent's contribution ``f_s · decode direction_s``, summed over the patches
+edited: every patch for a classifier, the class's patches for a segmenter, whose per-patch logits of the class are
+summed; a first-order estimate, as attribution patching makes). A good detector is not always what the head reads:
 on a small SAE the best face-patch detector can even raise a face probe's logit when removed.
 
 Every entry runs with two **baselines** in the same pass over the data:
@@ -142,8 +143,8 @@ class ExperimentConfig:
     max_frequency: float = 1e-2
     """Automatic plans and random latents: latents firing more often than this (dense) are not chosen."""
     selection: Literal["f1", "f1-attribution"] = "f1"
-    """Automatic plans: 'f1' takes each class's best detector; 'f1-attribution' (classification, in process) the
-    one among its ``candidates`` best detectors whose removal is estimated to lower the class's logit most."""
+    """Automatic plans: 'f1' takes each class's best detector; 'f1-attribution' (models in process) the one among
+    its ``candidates`` best detectors whose removal is estimated to lower the class's logit most."""
     candidates: int = 10
     """Detectors per class that ``selection="f1-attribution"`` chooses among."""
     labels: Literal["auto", "dataset", "prediction"] = "auto"
@@ -250,7 +251,8 @@ class LatentSelector:
 
     @torch.no_grad()
     def update_attribution(self, drop_bs: Tensor, classes_b: Tensor) -> None:
-        """Fold in per-image estimated drops ``[B, S]`` of the image's own class logit (``classes_b`` ``[B]``)."""
+        """Fold in estimated drops ``[K, S]``, one row per (image, class), of the class's logit (``classes_b``
+        ``[K]``: each row's class)."""
         if self.attribution is None:
             self.attribution = torch.zeros(self.n_classes, self.d_sae, dtype=torch.float64)
             self.attribution_n = torch.zeros(self.n_classes, dtype=torch.float64)
@@ -474,9 +476,6 @@ class Experiment:
                              f"backbone ({backbone!r}) does not have (a served backbone); run in process, or use "
                              "labels='prediction'")
         if config.selection == "f1-attribution" and config.automatic:
-            if self.task != "classify":
-                raise ValueError("selection='f1-attribution' ranks latents by a classifier's logit; segmentation "
-                                 "plans use selection='f1'")
             if not getattr(backbone, "differentiable", True) or not getattr(head, "differentiable", True):
                 raise ValueError("selection='f1-attribution' needs the head's gradient, which served models do not "
                                  "give; run in process, or use selection='f1'")
@@ -631,8 +630,12 @@ class Experiment:
                 labels_b, purity_b = self._patch_labels(ok, prepared)
                 labels, purity = labels_b.reshape(-1), purity_b.reshape(-1)
             sel.update(codes_ns, labels, purity)  # checks the labels are the head's classes
-            if self.task == "classify" and cfg.selection == "f1-attribution":
-                sel.update_attribution(self._removal_drops(prepared.resid_btd, classes_b, codes_ns), classes_b)
+            if cfg.selection == "f1-attribution":
+                if self.task == "classify":
+                    drops, rows = self._removal_drops(prepared.resid_btd, codes_ns, classes_b=classes_b)
+                else:
+                    drops, rows = self._removal_drops(prepared.resid_btd, codes_ns, labels_bp=labels_b.flatten(1))
+                sel.update_attribution(drops, rows)
         state.selector = sel.state_dict()
         state.position += len(batch)
         state.steps += 1
@@ -646,23 +649,55 @@ class Experiment:
                               s.attribution) for s in chosen]
             self._start_run(state, plan)
 
-    def _removal_drops(self, resid_btd: Tensor, classes_b: Tensor, codes_ns: Tensor) -> Tensor:
-        """Per image and latent ``[B, S]``: the first-order estimate of how much removing the latent from every patch
-        lowers the logit of the image's class (centred over classes): ``Σ_patches f_s · (direction_s · ∇ logit)``,
-        with ``direction_s`` the latent's decoded direction in raw activation space (``W_dec[s] · σ``)."""
+    def _removal_drops(self, resid_btd: Tensor, codes_ns: Tensor, classes_b: Tensor | None = None,
+                       labels_bp: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """First-order estimates of how much removing each latent lowers a class's logit (centred over classes), one
+        row per (image, class): ``Σ_patches f_s · (direction_s · ∇ logit)``, with ``direction_s`` the latent's decoded
+        direction in raw activation space (``W_dec[s] · σ``). Classification (``classes_b [B]``): each image's class
+        logit, the latent removed from every patch. Segmentation (``labels_bp [B, P]``, majority class per patch):
+        for each wanted class present, the class's patch logits summed over its patches, the latent removed from
+        those patches. Returns drops ``[K, S]`` and the rows' classes ``[K]``."""
         lo, sae = self.backbone.layout, self.sae
+        b = resid_btd.shape[0]
         with torch.inference_mode(False), torch.enable_grad():
             resid = resid_btd.detach().clone().requires_grad_(True)  # a normal tensor, also from inference mode
-            final = self.backbone.forward_from(resid, self.iv.layer)
-            logits = self.head.predict(self.backbone, final).logits.float()
-            centred = logits - logits.mean(1, keepdim=True)
-            index = classes_b.to(logits.device)[:, None].clone()  # gather saves its index: no inference tensor
-            (grad,) = torch.autograd.grad(centred.gather(1, index).sum(), resid)
+            out = self.head.predict(self.backbone, self.backbone.forward_from(resid, self.iv.layer))
+            if classes_b is not None:
+                logits = out.logits.float()
+                centred = logits - logits.mean(1, keepdim=True)
+                index = classes_b.to(logits.device)[:, None].clone()  # gather saves its index: no inference tensor
+                objectives = [(centred.gather(1, index).sum(), None)]  # each image's own class, one gradient
+            else:
+                patch = out.patch_logits.float()
+                centred = (patch - patch.mean(1, keepdim=True)).flatten(2)  # [B, C, P]
+                labels = labels_bp.to(patch.device).clone()
+                objectives = [((centred[:, c] * (labels == c)).sum(), c) for c in self._attributed_classes(labels_bp)]
+            grads = [(torch.autograd.grad(obj, resid, retain_graph=i + 1 < len(objectives))[0], c)
+                     for i, (obj, c) in enumerate(objectives)]
+        rows, row_classes = [], []
         with torch.no_grad():
-            b = resid_btd.shape[0]
-            grad_nd = grad[:, lo.n_prefix_tokens:].reshape(-1, lo.d_model).to(sae.W_dec.device, torch.float32)
-            proj_ns = (grad_nd * sae.norm_scale) @ sae.W_dec.float().T  # ∇ logit · direction_s, per patch
-            return (codes_ns.float() * proj_ns).reshape(b, lo.n_patches, sae.d_sae).sum(1)
+            codes_bps = codes_ns.float().reshape(b, lo.n_patches, sae.d_sae)
+            for grad, c in grads:
+                grad_nd = grad[:, lo.n_prefix_tokens:].reshape(-1, lo.d_model).to(sae.W_dec.device, torch.float32)
+                proj_bps = ((grad_nd * sae.norm_scale) @ sae.W_dec.float().T).reshape(b, lo.n_patches, sae.d_sae)
+                contrib_bps = codes_bps * proj_bps  # ∇ logit · direction_s · f_s, per patch
+                if c is None:
+                    rows.append(contrib_bps.sum(1))
+                    row_classes.append(classes_b.cpu().long())
+                else:
+                    mask_bp = (labels_bp == c).to(contrib_bps.device)
+                    present = mask_bp.any(1)
+                    rows.append((contrib_bps * mask_bp[..., None]).sum(1)[present])
+                    row_classes.append(torch.full((int(present.sum()),), c, dtype=torch.long))
+        if not rows:
+            return torch.zeros(0, sae.d_sae), torch.zeros(0, dtype=torch.long)
+        return torch.cat(rows), torch.cat(row_classes)
+
+    def _attributed_classes(self, labels_bp: Tensor) -> list[int]:
+        """Segmentation: the classes of this batch whose latents an automatic plan chooses."""
+        wanted = self.config.classes
+        present = [int(c) for c in torch.unique(labels_bp).tolist()]
+        return [c for c in present if c != self.config.background and (wanted is None or c in wanted)]
 
     def _edits(self, latents: Sequence[int], patches) -> list[Edit]:
         c = self.config

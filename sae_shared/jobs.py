@@ -362,9 +362,9 @@ class ExperimentSpec(_Spec):
     max_frequency: float = Field(1e-2, gt=0, le=1)
     """Latents firing more often than this are never chosen (automatic plans, random latents)."""
     selection: Literal["f1", "f1-attribution"] = "f1"
-    """Automatic plans: 'f1' takes each class's best patch detector; 'f1-attribution' (classification heads,
-    via='local') the one among its ``candidates`` best detectors whose removal is estimated, from the head's
-    gradient on the selection images, to lower the class's logit most."""
+    """Automatic plans: 'f1' takes each class's best patch detector; 'f1-attribution' (via='local') the one among
+    its ``candidates`` best detectors whose removal is estimated, from the head's gradient on the selection images,
+    to lower the class's logit most (segmenters: its logits summed over the class's patches)."""
     candidates: int = Field(10, ge=1, le=1024)
     """Detectors per class that selection='f1-attribution' chooses among."""
     labels: Literal["auto", "dataset", "prediction"] = "auto"

@@ -249,7 +249,7 @@ def experiment_command(
     max_frequency: float = typer.Option(1e-2, "--max-frequency", help="Latents firing more often are never chosen."),
     selection: str = typer.Option("f1", "--selection", help="Automatic plans: f1 (each class's best patch detector) "
                                   "or f1-attribution (among its --candidates best detectors, the one whose removal "
-                                  "the head's gradient says lowers the class's logit most; classifiers, --via local)."),
+                                  "the head's gradient says lowers the class's logit most; --via local)."),
     candidates: int = typer.Option(10, "--candidates", min=1, help="Detectors per class f1-attribution chooses among."),
     labels: str = typer.Option("auto", "--labels", help="auto, dataset or prediction (the head's unedited output)."),
     images: Optional[str] = typer.Option(None, "--images", help="Experiment images start:stop (default all)."),
@@ -340,10 +340,6 @@ def check_experiment(spec, store) -> None:
         raise ValueError(f"latents {bad} are beyond this SAE's {d_sae} latents")
     for c in list(spec.classes or []) + ([spec.background] if spec.background is not None else []):
         class_index(c, head_classes)
-    automatic = spec.latents is None and spec.edits is None and spec.plan is None
-    if automatic and spec.selection == "f1-attribution" and head_cfg.get("task") not in (None, "classify"):
-        raise ValueError(f"--selection f1-attribution ranks latents by a classifier's logit, and heads/{spec.head_id} "
-                         "segments: use --selection f1")
     if spec.edit_op[1] and not sae_cfg.get("statistics"):
         raise ValueError(f"relative edits need the SAE's statistics, and saes/{spec.sae_id} has none: compute them "
                          f"with `saevctl sae stats {spec.sae_id} --acts <acts_id>`")

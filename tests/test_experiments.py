@@ -348,8 +348,6 @@ def test_attribution_selection_takes_the_detector_whose_removal_lowers_the_class
     assert entry.attribution == pytest.approx(drops[best], rel=2e-2, abs=1e-5)
     assert entry.score == pytest.approx(float(ref.f1()[1, :, :, best].max()))
 
-    with pytest.raises(ValueError, match="classifier"):
-        Experiment(ExperimentConfig(selection="f1-attribution"), clip, sae, seg_head, SyntheticSet(4))
     with pytest.raises(ValueError, match="effect of removing them"):
         ExperimentConfig(selection="f1-attribution", op="scale", value=2.0)
     # a backbone computing in bfloat16: the gradient meets the float32 dictionary
@@ -358,3 +356,45 @@ def test_attribution_selection_takes_the_detector_whose_removal_lowers_the_class
     while state.phase == "select":
         half.step(state)
     assert len(state.plan) == 1 and state.plan[0].attribution is not None
+
+
+def test_attribution_selection_for_a_segmenter_sums_the_class_patch_logits_over_its_patches(clip, sae, seg_head):
+    ds = SyntheticSet(6, seed=3)
+    cfg = ExperimentConfig(classes=(1,), selection="f1-attribution", candidates=4, max_frequency=1.0, batch_size=3,
+                           purity_thresholds=(0.5,))
+    result = Experiment(cfg, clip, sae, seg_head, ds).run()
+    (entry,) = result.report["per_entry"]
+
+    lo = clip.layout
+    with torch.no_grad():
+        resid = clip.forward_to(clip.preprocess_batch([ds.load_image(i) for i in range(len(ds))]), LAYER)
+        codes_bps = sae.encode(resid[:, lo.n_prefix_tokens:])
+    labels_bp, purity_bp = zip(*(patch_majority(mask_to_input(ds.load_mask(i), clip.transform), 4, 4)
+                                 for i in range(len(ds))))
+    labels_bp, purity_bp = torch.stack(labels_bp).flatten(1), torch.stack(purity_bp).flatten(1)
+    ref = LatentSelector(3, sae.d_sae, cfg.activation_thresholds, cfg.purity_thresholds)
+    ref.update(codes_bps.reshape(-1, sae.d_sae), labels_bp.reshape(-1), purity_bp.reshape(-1))
+    pool = torch.argsort(ref.f1()[1].reshape(-1, sae.d_sae).max(0).values, descending=True, stable=True)[:4]
+    mask = labels_bp == 1
+    having = mask.any(1)
+
+    def class_logit(r):  # class 1's centred patch logits, summed over the class's patches
+        patch = seg_head.predict(clip, clip.forward_from(r, LAYER)).patch_logits.flatten(2)
+        return ((patch[:, 1] - patch.mean(1)) * mask[having]).sum()
+
+    drops = {}
+    for s in pool.tolist():
+        one = torch.zeros(2, sae.d_sae)
+        one[0, s] = 1.0
+        with torch.no_grad():
+            decoded = sae.decode(one)
+            v = torch.zeros_like(resid[having])  # remove the latent from the class's patches only
+            v[:, lo.n_prefix_tokens:] = (-codes_bps[having][:, :, s, None] * (decoded[0] - decoded[1])
+                                         * mask[having][..., None])
+            eps = 1e-2
+            slope = (class_logit(resid[having] + eps * v) - class_logit(resid[having] - eps * v)) / (2 * eps)
+        drops[s] = -float(slope) / int(having.sum())
+    best = max(drops, key=drops.get)
+    assert entry["latents"] == [best] and entry["class"] == 1
+    assert entry["attribution"] == pytest.approx(drops[best], rel=2e-2, abs=1e-5)
+
