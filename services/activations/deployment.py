@@ -2,8 +2,9 @@
 
 A thin shell over ``sae_shared.backbones``: GetActivations is ``Backbone.record`` (the residual stream after
 ``blocks[L]`` for each requested L), ForwardFrom is ``Backbone.forward_from`` (``blocks[L+1:]`` and the final
-norm). Concurrent requests are merged into one forward per backbone (``@serve.batch``); forwards run one at a
-time on a dedicated thread so the replica's event loop keeps accepting requests and answering health checks.
+norm). Concurrent requests are merged into one forward per backbone (``services.common.batching``: what arrives
+while a forward runs forms the next batch); forwards run one at a time on a dedicated thread so the replica's event
+loop keeps accepting requests and answering health checks.
 
 torch and the library are imported in the constructor (the module itself imports neither), so building the
 application in a light process does not load torch.
@@ -20,8 +21,8 @@ from ray import serve
 from sae_shared.proto.saev.v1 import activations_pb2 as apb
 from sae_shared.proto.saev.v1 import common_pb2 as pb
 from sae_shared.settings import Settings
-from services.common import metrics
 from services.common.base import MODEL_DEPLOYMENT, ModelServiceBase
+from services.common.batching import Batcher
 from services.common.cache import module_bytes
 from services.common.config import ActivationsArgs, BatchingConfig, ModelSpec
 from services.common.errors import InvalidArgument, NotFound, TooLarge
@@ -58,6 +59,7 @@ class ActivationsService(ModelServiceBase):
         for spec in args.backbones:
             if spec.preload:
                 self.cache.put(spec.name, self._load(spec), pinned=True)
+        self.batcher = Batcher(_compute, self.pool, "backbone")
         self.reconfigure(args.batching.model_dump())
 
     # -- configuration and health ----------------------------------------------------------------------------
@@ -67,8 +69,7 @@ class ActivationsService(ModelServiceBase):
         if cfg.default is not None and cfg.default not in self.specs:
             raise ValueError(f"user_config.default {cfg.default!r} is not a configured backbone: {list(self.specs)}")
         self.default = cfg.default or next(iter(self.specs))
-        self._batched.set_max_batch_size(cfg.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(cfg.batch_wait_s)
+        self.batcher.configure(cfg.max_batch_size, cfg.batch_wait_s)
         self.cache.set_budget(cfg.cache_bytes)
 
     async def check_health(self) -> None:
@@ -177,16 +178,10 @@ class ActivationsService(ModelServiceBase):
     # -- batching -----------------------------------------------------------------------------------------------
 
     async def _run(self, work: _Work):
-        result = await self._batched(work)
+        result = await self.batcher.submit(work)
         if isinstance(result, BaseException):
             raise result
         return result
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _batched(self, works: list[_Work]) -> list[Any]:
-        metrics.batch_size().observe(len(works), {"op": "backbone"})
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, _compute, works)
 
     # -- helpers ------------------------------------------------------------------------------------------------
 

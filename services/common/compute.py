@@ -1,6 +1,6 @@
 """Where model math runs inside a replica: one dedicated thread per replica.
 
-Batches run one at a time (``@serve.batch`` keeps one batch in flight), off the replica's event loop, so the
+Batches run one at a time (``services.common.batching``), off the replica's event loop, so the
 replica keeps accepting requests, filling the next batch and answering health checks while a forward runs. torch's
 intra-op thread count is set in that thread (``Settings.torch_threads``; replicas share the node's cores).
 """

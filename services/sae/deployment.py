@@ -3,8 +3,8 @@ statistics the gateway's Features service reads.
 
 SAEs load from ``saes/<sae_id>/`` in the object store (``sae_shared.sae.load_sae``) into an LRU cache bounded in
 bytes; those named in the application's args load at start and stay. Encoding, the bulk of the work, is batched
-across concurrent requests for the same SAE (``@serve.batch``); the rest of each request runs on the same model
-thread, after its batch.
+across concurrent requests for the same SAE (``services.common.batching``); the rest of each request runs on the same
+model thread, after its batch.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from ray import serve
 from sae_shared.proto.saev.v1 import common_pb2 as pb
 from sae_shared.proto.saev.v1 import sae_pb2 as spb
 from sae_shared.settings import Settings
-from services.common import metrics
 from services.common.base import MODEL_DEPLOYMENT, ModelServiceBase
+from services.common.batching import Batcher
 from services.common.cache import module_bytes
 from services.common.config import BatchingConfig, SAEArgs
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, TooLarge
@@ -45,13 +45,13 @@ class SAEService(ModelServiceBase):
         self._setup(args, settings, "saes", module_bytes)
         for sae_id in args.saes:
             self.cache.put(sae_id, self._load(sae_id), pinned=True)
+        self.batcher = Batcher(_encode_all, self.pool, "sae_encode")
         self.reconfigure(args.batching.model_dump())
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         cfg = BatchingConfig(**user_config)
         self.default = cfg.default or (self.args.saes[0] if self.args.saes else "")
-        self._encode_batch.set_max_batch_size(cfg.max_batch_size)
-        self._encode_batch.set_batch_wait_timeout_s(cfg.batch_wait_s)
+        self.batcher.configure(cfg.max_batch_size, cfg.batch_wait_s)
         self.cache.set_budget(cfg.cache_bytes)
 
     async def check_health(self) -> None:
@@ -453,15 +453,10 @@ class SAEService(ModelServiceBase):
                                                          max_bytes=self.limits.max_request_bytes))
 
     async def _encode(self, sae, x_nd):
-        result = await self._encode_batch(_Encode(sae, x_nd))
+        result = await self.batcher.submit(_Encode(sae, x_nd))
         if isinstance(result, BaseException):
             raise result
         return result
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _encode_batch(self, works: list[_Encode]) -> list[Any]:
-        metrics.batch_size().observe(len(works), {"op": "sae_encode"})
-        return await self._in_pool(_encode_all, works)
 
 
 def _encode_all(works: list[_Encode]) -> list[Any]:

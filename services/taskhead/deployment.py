@@ -2,7 +2,7 @@
 
 Predict takes the final-normed tokens ForwardFrom returns and gives logits and argmax labels (and the top classes
 of classifiers; the per-patch logits of segmenters on request). Concurrent requests for the same head are merged
-into one call (``@serve.batch``).
+into one call (``services.common.batching``).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from ray import serve
 
 from sae_shared.proto.saev.v1 import taskhead_pb2 as tpb
 from sae_shared.settings import Settings
-from services.common import metrics
 from services.common.base import MODEL_DEPLOYMENT, ModelServiceBase
+from services.common.batching import Batcher
 from services.common.cache import module_bytes
 from services.common.config import BatchingConfig, TaskHeadArgs
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, TooLarge
@@ -40,13 +40,13 @@ class TaskHeadService(ModelServiceBase):
         self._setup(args, settings, "heads", lambda h: module_bytes(h.module))
         for head_id in args.heads:
             self.cache.put(head_id, self._load(head_id), pinned=True)
+        self.batcher = Batcher(_compute, self.pool, "head")
         self.reconfigure(args.batching.model_dump())
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         cfg = BatchingConfig(**user_config)
         self.default = cfg.default or (self.args.heads[0] if self.args.heads else "")
-        self._batched.set_max_batch_size(cfg.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(cfg.batch_wait_s)
+        self.batcher.configure(cfg.max_batch_size, cfg.batch_wait_s)
         self.cache.set_budget(cfg.cache_bytes)
 
     async def check_health(self) -> None:
@@ -166,16 +166,10 @@ class TaskHeadService(ModelServiceBase):
         return load_head(head_id, device=self.device, store_factory=self._open_store)
 
     async def _run(self, work: _Work):
-        result = await self._batched(work)
+        result = await self.batcher.submit(work)
         if isinstance(result, BaseException):
             raise result
         return result
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _batched(self, works: list[_Work]) -> list[Any]:
-        metrics.batch_size().observe(len(works), {"op": "head"})
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, _compute, works)
 
 
 def _compute(works: list[_Work]) -> list[Any]:

@@ -30,7 +30,7 @@ def test_serve_config_validates_with_ray_schema_and_typed_args(name):
         args = ARGS[app.import_path].model_validate(app.args)
         (dep,) = app.deployments
         if app.name in MODEL_APPS:
-            assert dep.max_ongoing_requests >= args.batching.max_batch_size  # @serve.batch cannot fill otherwise
+            assert dep.max_ongoing_requests >= args.batching.max_batch_size  # a batch could not fill otherwise
             assert dep.max_queued_requests > 0  # bounded queue: overload is refused, not queued forever
             assert args.torch_threads and args.torch_threads > 0
 
