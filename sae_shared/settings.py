@@ -120,18 +120,11 @@ class Settings(BaseSettings):
     log_json: bool = False
     """Emit one JSON object per log line (for collectors) instead of human-readable lines."""
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "dataset_roots", mode="before")
     @classmethod
-    def _split_keys(cls, value: Any) -> Any:
+    def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
-            return [k.strip() for k in value.split(",") if k.strip()]
-        return value
-
-    @field_validator("dataset_roots", mode="before")
-    @classmethod
-    def _split_roots(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [p.strip() for p in value.split(",") if p.strip()]
+            return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
     @field_validator("s3_endpoint")

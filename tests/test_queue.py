@@ -16,7 +16,7 @@ import pytest
 
 from sae_shared.jobs import InvalidSpec
 from sae_shared.queue import IdempotencyConflict, JobNotFound, JobState, LeaseLost, Queue, connect
-from workers_support import wait_for
+from workers_support import store, wait_for  # noqa: F401 - store: a fixture
 
 LEASE = 1.0
 
@@ -30,12 +30,6 @@ def queue(settings) -> Queue:
         q.client.delete(*keys)
 
 
-@pytest.fixture
-def store(settings, bucket):
-    from sae_shared.settings import Settings
-    from sae_shared.storage import open_store
-
-    return open_store(Settings(**{**settings.model_dump(), "storage_url": f"s3://{bucket}"}))
 
 
 def _claim(queue: Queue, consumer: str = "c1", block: float = 0.05, types=("count",)):

@@ -16,10 +16,10 @@ import time
 import urllib.request
 
 import pytest
-import typer.testing
 
 from sae_shared.queue import JobState, Queue, connect
-from workers_support import Workers, wait_for, worker_env
+from workers_support import wait_for, worker_env
+from workers_support import cli, store, workers  # noqa: F401 - fixtures
 
 LEASE = 1.0
 
@@ -63,38 +63,9 @@ def queue(settings, namespace):
 
 
 @pytest.fixture
-def store(settings, bucket):
-    from sae_shared.settings import Settings
-    from sae_shared.storage import open_store
-
-    return open_store(Settings(**{**settings.model_dump(), "storage_url": f"s3://{bucket}"}))
-
-
-@pytest.fixture
 def env(settings, bucket):
+    """The shared fixtures' worker environment, with torch's default thread count (these jobs do no model math)."""
     return worker_env(settings, bucket)
-
-
-@pytest.fixture
-def workers(env, tmp_path, namespace):
-    group = Workers(env, tmp_path, namespace)
-    yield group
-    group.close()
-
-
-@pytest.fixture
-def cli(env, monkeypatch):
-    """Invoke ``saevctl`` in-process with the workers' settings."""
-    from sae_shared.settings import get_settings
-    from services.cli import app
-
-    for key, value in env.items():
-        if key.startswith("SAEV_"):
-            monkeypatch.setenv(key, value)
-    get_settings.cache_clear()
-    runner = typer.testing.CliRunner()
-    yield lambda *args: runner.invoke(app, list(args))
-    get_settings.cache_clear()
 
 
 def progressed(queue: Queue, job_id: str, fraction: float):

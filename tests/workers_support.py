@@ -117,7 +117,8 @@ class Workers:
 
 
 # ------------------------------------------------------------------------------- fixtures of the job-type tests
-# Imported by tests/test_{train,analyze,head,experiment}_job.py, each of which defines ``namespace`` and ``LEASE``.
+# Imported by tests/test_{train,analyze,head,experiment}_job.py and test_worker.py (each defines ``namespace`` and
+# ``LEASE``; test_worker.py its own ``queue`` and ``env``), and ``store`` by test_queue.py.
 
 import pytest  # noqa: E402
 
