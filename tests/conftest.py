@@ -9,11 +9,22 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 
 import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+@pytest.fixture(autouse=True)
+def _subnormals_back_on():
+    """CPU SAE training and the job handlers flush subnormal floats process-wide (``torch.set_flush_denormal``, for
+    speed); each test starts with IEEE floats again, as hypothesis needs (it refuses to run with subnormals off)."""
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_flush_denormal(False)
 
 
 @pytest.fixture(scope="session")

@@ -157,7 +157,6 @@ def test_the_experiment_job_via_services_on_a_real_worker(running, store, segmen
         worker.request_stop()
         thread.join(timeout=30)
         get_settings.cache_clear()
-        torch.set_flush_denormal(False)  # the handler turned it on; back to the default for the later tests
         keys = list(queue.client.scan_iter(f"{queue.namespace}:*", count=1000))
         if keys:
             queue.client.delete(*keys)
