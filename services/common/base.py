@@ -9,6 +9,7 @@ from services.common.auth import ApiKeyCheck, digests_of
 from services.common.cache import ModelCache
 from services.common.compute import compute_thread
 from services.common.config import ModelServiceArgs
+from services.common.heap import keep_freed_memory
 from services.common.limits import Limits
 
 
@@ -28,17 +29,14 @@ class ModelServiceBase:
 
     def _setup(self, args: ModelServiceArgs, settings: Settings, cache_name: str,
                size_of: Callable[[Any], int]) -> None:
-        import torch
-
+        keep_freed_memory()
         threads = args.resolved_threads(settings)
-        if threads > 0:
-            torch.set_num_threads(threads)
         self.args, self.settings = args, settings
         self.device = args.resolved_device(settings)
         self.limits = Limits.from_settings(settings)
         self.auth = ApiKeyCheck(digests_of(settings.api_key_values()))
         self.cache: ModelCache = ModelCache(cache_name, args.batching.cache_bytes, size_of)
-        self.pool = compute_thread(threads)
+        self.pool = compute_thread(threads)  # before any model loads (here, with one torch thread)
         self._store = None
 
     def _open_store(self):

@@ -1,8 +1,15 @@
-"""Where model math runs inside a replica: one dedicated thread per replica.
+"""Where model math runs inside a replica: one dedicated thread per replica, the only one with an OpenMP team.
 
 Batches run one at a time (``services.common.batching``), off the replica's event loop, so the
 replica keeps accepting requests, filling the next batch and answering health checks while a forward runs. torch's
 intra-op thread count is set in that thread (``Settings.torch_threads``; replicas share the node's cores).
+
+Every other thread of the replica (Ray's, the event loops, the helpers that decode images and build responses)
+runs torch single-threaded. OpenMP (GNU libgomp, which torch's CPU wheels use) gives each thread that runs a
+parallel op a team of its own, and once a process holds more team threads than the machine has cores, every
+team's threads stop spinning between parallel regions and sleep at once, to be woken for the next one: measured
+here, a one-image forward to layer 5 went from 36 to 39-44 ms after three other threads had run one parallel op
+each, and inside the activations replica it took 51-60 ms against 40 ms in a plain process.
 """
 
 from __future__ import annotations
@@ -11,12 +18,20 @@ import concurrent.futures
 
 
 def compute_thread(torch_threads: int) -> concurrent.futures.ThreadPoolExecutor:
-    """A one-thread executor for model math, with torch's intra-op thread count set in it."""
+    """A started one-thread executor for model math with ``torch_threads`` intra-op threads (0: torch's default);
+    the calling process's other threads are left at one."""
+    import torch
+
+    threads = torch_threads if torch_threads > 0 else torch.get_num_threads()
 
     def init() -> None:
-        import torch
+        torch.set_num_threads(threads)
+        # torch sizes a thread's OpenMP team from the process-wide count on the thread's first parallel op; asking
+        # for the count does that now, so the later reset to one below does not reach this thread
+        torch.get_num_threads()
 
-        if torch_threads > 0:
-            torch.set_num_threads(torch_threads)
-
-    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model", initializer=init)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model", initializer=init)
+    pool.submit(lambda: None).result()
+    # the process-wide count (what every other thread takes on its first parallel op) and this thread's own
+    torch.set_num_threads(1)
+    return pool

@@ -169,3 +169,36 @@ def test_client_retries_overload_and_unavailable_a_bounded_number_of_times():
         with pytest.raises(ClientError):
             Client(once, retry=policy).call("ListSAEs", None)
         assert once.calls == 1
+
+
+def _run_python(code: str) -> list[str]:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.split()
+
+
+def test_only_the_model_thread_runs_torch_with_several_threads():
+    # a process of its own: compute_thread changes the process-wide thread count
+    out = _run_python("""
+import threading, torch
+from services.common.compute import compute_thread
+pool = compute_thread(2)
+seen = []
+helper = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+helper.start(); helper.join()
+print(pool.submit(torch.get_num_threads).result(), torch.get_num_threads(), seen[0])
+print(compute_thread(0).submit(torch.get_num_threads).result())
+""")
+    model, caller, helper, default = (int(v) for v in out)
+    assert (model, caller, helper) == (2, 1, 1)
+    assert default >= 1  # 0: torch's own default for the model thread
+
+
+def test_replicas_keep_freed_memory_on_glibc():
+    import platform
+
+    (applied,) = _run_python("from services.common.heap import keep_freed_memory; print(keep_freed_memory())")
+    assert applied == ("True" if platform.libc_ver()[0] == "glibc" else "False")
