@@ -22,6 +22,8 @@ THIRD_PARTY = {
     "RAY_USAGE_STATS_ENABLED": "Ray: no usage reporting (the cluster has no internet access to spend on it)",
     "RAY_max_direct_call_object_size": "Ray: calls between deployments carry up to this many bytes inline (8 MiB, "
                                        "as the local stack sets; services/common/local_ray.py)",
+    "GOMP_SPINCOUNT": "GNU OpenMP (torch's CPU threads): how long an idle thread spins before sleeping (3000, as the "
+                      "local stack sets; services/common/local_ray.py)",
     "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": "Ray Serve: the gRPC proxy's message limit, from Settings (checked below)",
     "MINIO_ROOT_USER": "MinIO: administrator (the minio server and the bucket set-up only)",
     "MINIO_ROOT_PASSWORD": "MinIO: administrator's password (the minio server and the bucket set-up only)",
@@ -121,6 +123,16 @@ def test_grpc_proxy_limit_matches_settings(rendered, monkeypatch, tmp_path):
         assert int(env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"]) == expected, place
         checked += 1
     assert checked >= 3, "the Ray containers of both overlays and the compose head set the limit"
+
+
+def test_ray_nodes_get_the_local_stacks_inline_size_and_openmp_spin_count(rendered):
+    from services.common.local_ray import OPENMP_SPIN_COUNT, SYSTEM_CONFIG
+
+    nodes = {place: env for place, env in _all_envs(rendered).items() if "RAY_max_direct_call_object_size" in env}
+    assert len(nodes) >= 3, "the Ray containers of both overlays and the compose services"
+    for place, env in nodes.items():
+        assert int(env["RAY_max_direct_call_object_size"]) == SYSTEM_CONFIG["max_direct_call_object_size"], place
+        assert env.get("GOMP_SPINCOUNT") == OPENMP_SPIN_COUNT, place
 
 
 def test_env_example_declares_exactly_what_compose_interpolates():
