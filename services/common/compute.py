@@ -16,13 +16,19 @@ from __future__ import annotations
 
 import concurrent.futures
 
+_TORCH_DEFAULT: int | None = None
+"""torch's own intra-op thread count in this process, read on the first call (``torch_threads`` 0 asks for it)."""
+
 
 def compute_thread(torch_threads: int) -> concurrent.futures.ThreadPoolExecutor:
     """A started one-thread executor for model math with ``torch_threads`` intra-op threads (0: torch's default);
     the calling process's other threads are left at one."""
     import torch
 
-    threads = torch_threads if torch_threads > 0 else torch.get_num_threads()
+    global _TORCH_DEFAULT
+    if _TORCH_DEFAULT is None:  # before this function sets the process-wide count to one
+        _TORCH_DEFAULT = torch.get_num_threads()
+    threads = torch_threads if torch_threads > 0 else _TORCH_DEFAULT
 
     def init() -> None:
         torch.set_num_threads(threads)

@@ -15,8 +15,9 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20
 """Blocks up to this size come from the heap (glibc's largest allowed value on 64-bit)."""
-TRIM_THRESHOLD = 1 << 30
-"""A heap returns memory to the kernel only when more than this lies free at its top."""
+TRIM_THRESHOLD = 256 << 20
+"""A heap returns memory to the kernel only when more than this lies free at its top (a request's buffers are tens
+of megabytes; a burst of large batches is still given back)."""
 
 
 def keep_freed_memory() -> bool:

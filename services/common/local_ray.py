@@ -22,7 +22,7 @@ log = get_logger(__name__)
 
 RAY_RESERVED = range(10002, 20000)
 OPENMP_SPIN_COUNT = "3000"
-"""``GOMP_SPINCOUNT`` for the local stack's Ray processes (unless set already): how long an idle OpenMP thread
+"""``GOMP_SPINCOUNT`` for the local stack's Ray processes (unless set in the environment already): how long an idle OpenMP thread
 spins before it sleeps. libgomp's default (300 000) keeps a replica's torch threads spinning for milliseconds after
 every batch, on cores the next service in the chain is waiting for. Measured with bench/serve.py on 2 cores (the
 setting in the Ray processes only): 16-client throughput 0.73 of in-process batches with the default, 0.94 with
@@ -113,13 +113,19 @@ def start(settings: Settings, config, *, http_port: int | None = None, grpc_port
             raise ValueError(f"{name} port {port} is in Ray's reserved worker range 10002-19999; choose another")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # Ray's processes inherit this environment (a torch already loaded in this process keeps its own setting)
-    os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN_COUNT)
     os.environ[PROXY_MESSAGE_SIZE_ENV] = str(Limits.from_settings(settings).grpc_message_bytes)
-    ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 2, include_dashboard=False,
-             object_store_memory=OBJECT_STORE_BYTES, _node_ip_address="127.0.0.1",
-             _metrics_export_port=metrics_port, namespace="serve", log_to_driver=True,
-             _system_config={**SYSTEM_CONFIG, **(system_config or {})})
+    # Ray's processes (and the workers its raylet starts later) inherit the environment ray.init sees; the spin count
+    # is set for them only, not left in this process's environment for whatever it starts next
+    spin_was_set = "GOMP_SPINCOUNT" in os.environ
+    os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN_COUNT)
+    try:
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 2, include_dashboard=False,
+                 object_store_memory=OBJECT_STORE_BYTES, _node_ip_address="127.0.0.1",
+                 _metrics_export_port=metrics_port, namespace="serve", log_to_driver=True,
+                 _system_config={**SYSTEM_CONFIG, **(system_config or {})})
+    finally:
+        if not spin_was_set:
+            del os.environ["GOMP_SPINCOUNT"]
     serve.start(http_options=HTTPOptions(host=http_host, port=http_port),
                 grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICERS))
     targets = applications_from_config(config, settings) + list(extra_targets or [])

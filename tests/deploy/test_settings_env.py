@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from tests.deploy.support import (COMPOSE_FILES, OVERLAYS, REPO, containers, container_env, env_example,
-                                  interpolations, load_compose, run)
+                                  interpolations, load_compose, ray_groups, run)
 
 THIRD_PARTY = {
     "RAY_AUTH_MODE": "Ray: token authentication on (read by Ray in every process of the cluster and its clients)",
@@ -125,14 +125,30 @@ def test_grpc_proxy_limit_matches_settings(rendered, monkeypatch, tmp_path):
     assert checked >= 3, "the Ray containers of both overlays and the compose head set the limit"
 
 
+def _ray_node_envs(rendered) -> dict[str, dict]:
+    """The environment of every container that runs a Ray node: compose's ray-head (with and without the GPU
+    override), and the Ray container (the first) of each group of each overlay's RayService."""
+    envs = {place: env for place, env in _compose_envs().items() if place.endswith(":ray-head")}
+    for overlay in OVERLAYS:
+        for doc in rendered[overlay]:
+            if doc["kind"] == "RayService":
+                for group, _, template in ray_groups(doc):
+                    envs[f"k8s/overlays/{overlay}:{group}"] = container_env(template["spec"]["containers"][0],
+                                                                            rendered[overlay])
+    return envs
+
+
 def test_ray_nodes_get_the_local_stacks_inline_size_and_openmp_spin_count(rendered):
     from services.common.local_ray import OPENMP_SPIN_COUNT, SYSTEM_CONFIG
 
-    nodes = {place: env for place, env in _all_envs(rendered).items() if "RAY_max_direct_call_object_size" in env}
-    assert len(nodes) >= 3, "the Ray containers of both overlays and the compose services"
+    nodes = _ray_node_envs(rendered)
+    assert len(nodes) >= 5, f"compose's ray-head twice and the head and worker groups of the overlays: {list(nodes)}"
     for place, env in nodes.items():
-        assert int(env["RAY_max_direct_call_object_size"]) == SYSTEM_CONFIG["max_direct_call_object_size"], place
+        assert int(env.get("RAY_max_direct_call_object_size", 0)) == SYSTEM_CONFIG["max_direct_call_object_size"], \
+            place
         assert env.get("GOMP_SPINCOUNT") == OPENMP_SPIN_COUNT, place
+    # the job worker is not a Ray node: its own torch compute keeps libgomp's default
+    assert all("GOMP_SPINCOUNT" not in env for place, env in _compose_envs().items() if place.endswith(":worker"))
 
 
 def test_env_example_declares_exactly_what_compose_interpolates():

@@ -171,11 +171,12 @@ def test_client_retries_overload_and_unavailable_a_bounded_number_of_times():
         assert once.calls == 1
 
 
-def _run_python(code: str) -> list[str]:
+def _run_python(code: str, **env: str) -> list[str]:
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **env})
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout.split()
 
@@ -184,17 +185,19 @@ def test_only_the_model_thread_runs_torch_with_several_threads():
     # a process of its own: compute_thread changes the process-wide thread count
     out = _run_python("""
 import threading, torch
+print(torch.get_num_threads())
 from services.common.compute import compute_thread
-pool = compute_thread(2)
+pool = compute_thread(3)
 seen = []
 helper = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
 helper.start(); helper.join()
 print(pool.submit(torch.get_num_threads).result(), torch.get_num_threads(), seen[0])
-print(compute_thread(0).submit(torch.get_num_threads).result())
+print(compute_thread(0).submit(torch.get_num_threads).result(), torch.get_num_threads())
 """)
-    model, caller, helper, default = (int(v) for v in out)
-    assert (model, caller, helper) == (2, 1, 1)
-    assert default >= 1  # 0: torch's own default for the model thread
+    torch_default, model, caller, helper, default, caller_after = (int(v) for v in out)
+    assert (model, caller, helper) == (3, 1, 1)
+    # 0 asks for torch's own default, as it was before the first call set the process-wide count to one
+    assert (default, caller_after) == (torch_default, 1)
 
 
 def test_replicas_keep_freed_memory_on_glibc():
