@@ -22,12 +22,12 @@ log = get_logger(__name__)
 
 RAY_RESERVED = range(10002, 20000)
 OPENMP_SPIN_COUNT = "3000"
-"""``GOMP_SPINCOUNT`` for the local stack's Ray processes (unless set in the environment already): how long an idle OpenMP thread
-spins before it sleeps. libgomp's default (300 000) keeps a replica's torch threads spinning for milliseconds after
-every batch, on cores the next service in the chain is waiting for. Measured with bench/serve.py on 2 cores (the
-setting in the Ray processes only): 16-client throughput 0.73 of in-process batches with the default, 0.94 with
-3 000; single-image latency ratio 1.44 and 1.31. The compose file and the RayService manifests set the same variable
-on every Ray node."""
+"""``GOMP_SPINCOUNT`` for the local stack's Ray processes (unless set in the environment already): how long an
+idle OpenMP thread spins before it sleeps. libgomp's default (300 000) keeps a replica's torch threads spinning for
+milliseconds after every batch, on cores the next service in the chain is waiting for. Measured with bench/serve.py
+on 2 cores (the setting in the Ray processes only): 16-client throughput 0.73 of in-process batches with the default,
+0.94 with 3 000; single-image latency ratio 1.44 and 1.31. The compose file and the RayService manifests set the same
+variable on every Ray node."""
 OBJECT_STORE_BYTES = 256 << 20
 SYSTEM_CONFIG = {"max_direct_call_object_size": 8 << 20}
 """Ray system settings of the local stack. Arguments and results of calls between deployments up to 8 MiB (a batch
