@@ -23,7 +23,9 @@ SAE_LAYER = 5
 MAX_REQUEST_BYTES = 8 << 20
 """Smaller than the default so that the oversize tests send little."""
 ACTIVATIONS_QUEUE = 8
-"""max_queued_requests of the activations deployment in the test stack (max_ongoing_requests stays 16)."""
+"""max_queued_requests of the activations deployment in the test stack (production: 32)."""
+ACTIVATIONS_ONGOING = 8
+"""max_ongoing_requests of the activations deployment in the test stack (production: 16; one full batch)."""
 
 
 @dataclass
@@ -110,10 +112,12 @@ def stack(settings) -> Stack:
     extra = [serve.RunTarget(target=build_gateway({}, open_settings), name="gateway-open",
                              route_prefix=OPEN_PREFIX)]
     config = load_config(config_path("cpu"))
-    # A shorter queue in front of the activations replica than in production (32), so that the overload test's
-    # burst is refused reliably on a loaded machine without computing many admitted requests.
+    # Fewer requests admitted by the activations replica and a shorter queue in front of it than in production, so
+    # that the overload test's burst is refused reliably without computing many admitted requests, however fast the
+    # replica drains its batches while the burst arrives.
     activations = next(a for a in config.applications if a.name == "activations")
     activations.deployments[0].max_queued_requests = ACTIVATIONS_QUEUE
+    activations.deployments[0].max_ongoing_requests = ACTIVATIONS_ONGOING
     local = local_ray.start(served, config, http_port=local_ray.free_port(),
                             grpc_port=local_ray.free_port(), extra_targets=extra, wait=False,
                             system_config={"metrics_report_interval_ms": 1000})

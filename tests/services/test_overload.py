@@ -17,7 +17,7 @@ from tests.services.conftest import ACTIVATIONS_QUEUE
 
 N = 40
 """Per protocol, at the same time: 80 in all, well above what the activations deployment admits in the test stack
-(max_ongoing_requests 16 + max_queued_requests 8)."""
+(max_ongoing_requests 8, and 8 queued at each caller: Serve's proxy and the gateway)."""
 
 
 def test_overload_is_refused_at_once_on_both_protocols_and_nothing_hangs(running, stubs):
