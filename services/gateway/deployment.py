@@ -19,7 +19,6 @@ from sae_shared.proto.saev.v1 import jobs_pb2 as jpb
 from sae_shared.settings import Settings
 from services.common.auth import ApiKeyCheck, digests_of
 from services.common.config import GatewayArgs
-from services.common.heap import keep_freed_memory
 from services.common.limits import Limits
 from services.common.rpc import server_stream, unary
 from services.gateway import features, interventions
@@ -43,7 +42,6 @@ class Gateway:
     """HTTP routes + Interventions, Jobs and Features over gRPC."""
 
     def __init__(self, args: GatewayArgs, settings: Settings):
-        keep_freed_memory()
         self.args, self.settings = args, settings
         self.limits = Limits.from_settings(settings)
         self.auth = ApiKeyCheck(digests_of(settings.api_key_values()))
