@@ -250,6 +250,11 @@ class RemoteSAE:
         recon = torch.cat(parts) if parts else torch.zeros(0, self.d_model)
         return recon.reshape(*lead, self.d_model)
 
+    def decode_change(self, codes: Tensor, edited: Tensor, latents) -> Tensor:
+        """``decode(edited) - decode(codes)`` (two ``SAE.Decode`` calls; ``latents``, the columns that differ, is
+        the local SAE's shortcut and unused here)."""
+        return self.decode(edited) - self.decode(codes)
+
     def __repr__(self) -> str:
         return f"RemoteSAE({self.sae_id!r}, d_sae={self.d_sae})"
 

@@ -195,8 +195,9 @@ def test_an_edit_equals_the_same_edit_computed_by_hand_in_a_residual_hook(dinov2
         by_hand = unhooked(bb, head, imgs)
     finally:
         handle.remove()
-    assert torch.equal(res.after.logits, by_hand)
-    assert not torch.equal(res.after.logits, res.before.logits)
+    # the library computes decode(f') - decode(f) from the edited columns alone: the same function, other float sums
+    assert torch.allclose(res.after.logits, by_hand, rtol=1e-5, atol=1e-5), (res.after.logits - by_hand).abs().max()
+    assert not torch.allclose(res.after.logits, res.before.logits, rtol=1e-3, atol=1e-3)
     # what changed is reported consistently
     assert torch.equal(res.changed, res.before.labels != res.after.labels)
     assert torch.equal(res.changed_patches, res.before.patch_labels != res.after.patch_labels)

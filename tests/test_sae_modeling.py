@@ -337,6 +337,27 @@ def test_decode_is_deterministic_fp32_and_the_unedited_delta_is_exactly_zero(var
     assert torch.equal(sae.decode(sparse), sae.decode(sparse))
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("variant", [Relu(), TopK(k=5)], ids=lambda v: v.kind)
+def test_decode_change_equals_the_difference_of_two_decodes_and_is_exactly_zero_where_codes_agree(variant):
+    sae, x = make_sae(variant), raw_x()
+    sae.set_normalisation(torch.randn(D), 2.5)  # the scale multiplies the change; the mean cancels
+    f = sae.encode(x)
+    edited = f.clone()
+    edited[:10, 3] = 4.0
+    edited[5:20, 7] *= 0.0
+    edited[30, 1] += 1.5
+    change = sae.decode_change(f, edited, [7, 3, 1, 3])
+    assert change.dtype == torch.float32 and change.shape == (64, D)
+    assert torch.allclose(change, sae.decode(edited) - sae.decode(f), atol=1e-5)
+    untouched = torch.ones(64, dtype=torch.bool)
+    untouched[:20] = untouched[30] = False
+    assert torch.count_nonzero(change[untouched]) == 0  # exactly 0: x' == x there, bit for bit
+    assert torch.count_nonzero(sae.decode_change(f, f, [])) == 0
+    with pytest.raises(ValueError, match=rf"latent indices must be in \[0, {S}\)"):
+        sae.decode_change(f, edited, [S])
+
+
 # ----------------------------------------------------------------------------------- contract and stats
 
 

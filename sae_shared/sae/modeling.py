@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from typing import NamedTuple, Union
 
 import torch
@@ -350,6 +351,18 @@ class SparseAutoencoder(nn.Module):
             # at k=32 the bias and scale passes cost as much as the sparse product itself).
             shift_d = torch.addcmul(self.norm_mean, self.b_dec, self.norm_scale)
             return out_nd.mul_(self.norm_scale).add_(shift_d).reshape(*lead, self.d_model)
+
+    def decode_change(self, codes_ns: Tensor, edited_ns: Tensor, latents: Sequence[int]) -> Tensor:
+        """``decode(edited) - decode(codes)`` ``[n, d_model]`` for dense codes that differ only in the columns
+        ``latents``, computed from those columns alone: ``(f' - f)[:, latents] W_dec[latents] · scale`` (the same
+        function; the constant terms cancel exactly, and no ``[n, d_sae] x [d_sae, d_model]`` product is needed).
+        Rows where the codes are equal give exactly 0. fp32, autocast off."""
+        cols = torch.as_tensor(sorted(set(latents)), dtype=torch.long, device=self.W_dec.device)
+        if cols.numel() and not 0 <= int(cols[0]) <= int(cols[-1]) < self.d_sae:
+            raise ValueError(f"latent indices must be in [0, {self.d_sae}), got {cols.tolist()}")
+        with torch.autocast(device_type=self.W_dec.device.type, enabled=False):
+            diff_nc = edited_ns.index_select(-1, cols).float() - codes_ns.index_select(-1, cols).float()
+            return (diff_nc @ self.W_dec.index_select(0, cols)).mul_(self.norm_scale)
 
     def _decode_prefixes_n(self, codes: Codes) -> list[Tensor]:
         """Normalised reconstructions from each Matryoshka prefix (just the full width without Matryoshka)."""

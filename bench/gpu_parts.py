@@ -1,0 +1,102 @@
+"""Where an intervention's time goes: its parts timed one by one, then a torch profile of ``Intervener.run``.
+
+Needs only torch and timm, like ``bench/gpu.py``::
+
+    python bench/gpu_parts.py                 # cuda: ViT-B/14 (random init), 224 px, batch 64, bf16
+    python bench/gpu_parts.py --device cpu    # ViT-S/14, 56 px, batch 2, fp32: a smoke run in seconds
+
+For a TopK (k=32) and a ReLU SAE 16x the model width at layer 6, one edit over every patch; medians of 10 calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# As in bench/gpu.py: bench/queue.py must not shadow the standard library's queue.
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sae_shared import interventions as iv_lib
+    from sae_shared.backbones import load_backbone
+    from sae_shared.heads import HeadContract, LinearProbe
+    from sae_shared.sae import Contract, Relu, SAEConfig, SparseAutoencoder, TopK
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", help="torch device (default cuda); cpu runs tiny shapes")
+    p.add_argument("--no-profile", action="store_true", help="skip the torch profile table")
+    args = p.parse_args(argv)
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device here: run with --device cpu for a smoke run", file=sys.stderr)
+        return 2
+    quick = dev.type == "cpu"
+    model = "vit_small_patch14_dinov2" if quick else "vit_base_patch14_dinov2"
+    size, batch, layer = (56, 2, 6) if quick else (224, 64, 6)
+    vit = load_backbone("dinov2", model=model, pretrained=False, image_size=size, device=str(dev),
+                        dtype="float32" if quick else "bfloat16")
+    d = vit.layout.d_model
+    imgs = torch.randn(batch, 3, size, size, device=dev)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def timed(name: str, fn) -> None:
+        for _ in range(2):
+            fn()
+        times = []
+        for _ in range(10):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        print(f"  {name:<34} {statistics.median(times) * 1e3:8.2f} ms", flush=True)
+
+    print(f"device: {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}, {model} {size}px "
+          f"b={batch}, torch {torch.__version__}")
+    head = LinearProbe(["a", "b", "c"], HeadContract.for_backbone(vit, "pooled")).to(dev).eval()
+    edits = [iv_lib.Edit(latent=3, op="scale", value=0.0)]
+    for variant in (TopK(k=32), Relu()):
+        sae = SparseAutoencoder(SAEConfig(d, 16 * d, variant), contract=Contract(vit.id, layer, "all")).to(dev).eval()
+        iv = iv_lib.Intervener(vit, sae, head, layer=layer)
+        prepared = iv.prepare(imgs)
+        print(f"{variant.kind} SAE, d_sae={sae.d_sae}")
+        with torch.inference_mode():
+            x_nd = prepared.resid_btd.reshape(-1, d)
+            codes_ns = sae.encode(x_nd)
+            edited = iv_lib.edit_residual(sae, prepared.resid_btd, edits, vit.layout)
+            rows_n = edited.tokens_bt.nonzero()[:, 0]
+            timed("backbone forward", lambda: vit.forward(imgs))
+            timed("forward_to L", lambda: vit.forward_to(imgs, layer))
+            timed("forward_from L + head", lambda: iv.predict(prepared.resid_btd))
+            timed("Intervener.run, drift", lambda: iv.run(prepared, edits, drift=True))
+            timed("Intervener.run, no drift", lambda: iv.run(prepared, edits, drift=False))
+            timed("  edit_residual", lambda: iv_lib.edit_residual(sae, prepared.resid_btd, edits, vit.layout))
+            timed("  off_target_drift", lambda: iv_lib.off_target_drift(
+                sae, edited.resid_btd[edited.tokens_bt], edited.edited_ns, edited.pairs_m2, rows_n, batch))
+            timed("  sae.encode (dense, fp32)", lambda: sae.encode(x_nd))
+            timed("  sae.decode (dense, fp32)", lambda: sae.decode(codes_ns))
+        if not args.no_profile:
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+            with profile(activities=activities) as prof:
+                for _ in range(3):
+                    iv.run(prepared, edits, drift=True)
+                sync()
+            key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+            print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=40))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
