@@ -4,8 +4,10 @@ Needs only torch and timm, like ``bench/gpu.py``::
 
     python bench/gpu_parts.py                 # cuda: ViT-B/14 (random init), 224 px, batch 64, bf16
     python bench/gpu_parts.py --device cpu    # ViT-S/14, 56 px, batch 2, fp32: a smoke run in seconds
+    python bench/gpu_parts.py --train         # SAE training steps instead (d=768, d_sae=12288, 16384 tokens, bf16)
 
 For a TopK (k=32) and a ReLU SAE 16x the model width at layer 6, one edit over every patch; medians of 10 calls.
+With ``--train``: ``Trainer.step`` and a torch profile of it, per variant.
 """
 
 from __future__ import annotations
@@ -34,12 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", help="torch device (default cuda); cpu runs tiny shapes")
     p.add_argument("--no-profile", action="store_true", help="skip the torch profile table")
+    p.add_argument("--train", action="store_true", help="profile SAE training steps instead of the intervention")
     args = p.parse_args(argv)
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device here: run with --device cpu for a smoke run", file=sys.stderr)
         return 2
     quick = dev.type == "cpu"
+    if args.train:
+        return train_parts(dev, quick, not args.no_profile)
     model = "vit_small_patch14_dinov2" if quick else "vit_base_patch14_dinov2"
     size, batch, layer = (56, 2, 6) if quick else (224, 64, 6)
     vit = load_backbone("dinov2", model=model, pretrained=False, image_size=size, device=str(dev),
@@ -95,6 +100,44 @@ def main(argv: list[str] | None = None) -> int:
                 sync()
             key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
             print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=40))
+    return 0
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def train_parts(dev: torch.device, quick: bool, with_profile: bool) -> int:
+    from sae_shared.sae import Relu, SAEConfig, TopK, TrainConfig
+    from sae_shared.sae.training import Trainer
+
+    d, s, n = (32, 256, 256) if quick else (768, 12288, 16384)
+    x_nd = torch.randn(n, d, device=dev) * 2.0 + 0.5
+    autocast = "fp32" if quick else "bf16"
+    for variant in (TopK(k=8 if quick else 32), Relu()):
+        cfg = TrainConfig(members=SAEConfig(d, s, variant), batch_size=n, warmup_steps=10, log_every=10**9,
+                          autocast=autocast, device=str(dev))
+        trainer = Trainer(cfg, total_steps=10**6, init_sample_nd=x_nd)
+        for _ in range(3):
+            trainer.step(x_nd)
+        sync(dev)
+        times = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            trainer.step(x_nd)
+            sync(dev)
+            times.append(time.perf_counter() - t0)
+        print(f"{variant.kind} d={d} s={s} n={n} ({autocast}): Trainer.step {statistics.median(times) * 1e3:.2f} ms",
+              flush=True)
+        if with_profile:
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+            with profile(activities=activities) as prof:
+                for _ in range(3):
+                    trainer.step(x_nd)
+                sync(dev)
+            key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+            print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=50))
     return 0
 
 
