@@ -42,3 +42,5 @@ def test_intervention_parts_script_runs_on_the_cpu_with_only_torch_and_timm():
     out = run_without_service_libraries("gpu_parts.py", "--device", "cpu").stdout
     for name in ("topk SAE", "relu SAE", "Intervener.run, drift", "edit_residual", "off_target_drift", "Self CPU"):
         assert name in out, (name, out)
+    out = run_without_service_libraries("gpu_parts.py", "--device", "cpu", "--train", "--no-profile").stdout
+    assert "topk d=32 s=256 n=256 (fp32): Trainer.step" in out and "relu d=32" in out, out
