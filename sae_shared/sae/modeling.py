@@ -355,11 +355,12 @@ class SparseAutoencoder(nn.Module):
     def decode_change(self, codes_ns: Tensor, edited_ns: Tensor, latents: Sequence[int]) -> Tensor:
         """``decode(edited) - decode(codes)`` ``[n, d_model]`` for dense codes that differ only in the columns
         ``latents``, computed from those columns alone: ``(f' - f)[:, latents] W_dec[latents] · scale`` (the same
-        function; the constant terms cancel exactly, and no ``[n, d_sae] x [d_sae, d_model]`` product is needed).
-        Rows where the codes are equal give exactly 0. fp32, autocast off."""
-        cols = torch.as_tensor(sorted(set(latents)), dtype=torch.long, device=self.W_dec.device)
-        if cols.numel() and not 0 <= int(cols[0]) <= int(cols[-1]) < self.d_sae:
-            raise ValueError(f"latent indices must be in [0, {self.d_sae}), got {cols.tolist()}")
+        function: ``b_dec`` and the normalisation mean drop out of the difference, and no ``[n, d_sae] x
+        [d_sae, d_model]`` product is needed). Rows where the codes are equal give exactly 0. fp32, autocast off."""
+        ordered = sorted({int(i) for i in latents})
+        if ordered and not 0 <= ordered[0] <= ordered[-1] < self.d_sae:
+            raise ValueError(f"latent indices must be in [0, {self.d_sae}), got {ordered}")
+        cols = torch.tensor(ordered, dtype=torch.long, device=self.W_dec.device)
         with torch.autocast(device_type=self.W_dec.device.type, enabled=False):
             diff_nc = edited_ns.index_select(-1, cols).float() - codes_ns.index_select(-1, cols).float()
             return (diff_nc @ self.W_dec.index_select(0, cols)).mul_(self.norm_scale)
