@@ -52,19 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     d = vit.layout.d_model
     imgs = torch.randn(batch, 3, size, size, device=dev)
 
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
     def timed(name: str, fn) -> None:
         for _ in range(2):
             fn()
         times = []
         for _ in range(10):
-            sync()
+            sync(dev)
             t0 = time.perf_counter()
             fn()
-            sync()
+            sync(dev)
             times.append(time.perf_counter() - t0)
         print(f"  {name:<34} {statistics.median(times) * 1e3:8.2f} ms", flush=True)
 
@@ -97,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             with profile(activities=activities) as prof:
                 for _ in range(3):
                     iv.run(prepared, edits, drift=True)
-                sync()
+                sync(dev)
             key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
             print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=40))
     return 0

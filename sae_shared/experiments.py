@@ -35,10 +35,11 @@ own unedited prediction (``labels="prediction"``: e.g. the saliency head on unla
 the dataset's labels or the unedited prediction.
 
 **In process or through the services.** The backbone, SAE and head are used through a small interface
-(``preprocess_batch``, ``forward_to``, ``forward_from``, ``layout``, ``id``; ``encode``, ``decode``, ``d_sae``,
-``contract``, ``stats``; ``predict``, ``classes``, ``task``, ``kind``), which the library's models implement and so do
-the stand-ins of :mod:`sae_shared.remote`, computing through the activations, SAE and task-head services. Both give
-the same numbers, up to float rounding (tests/services/test_experiment_via_services.py).
+(``preprocess_batch``, ``forward_to``, ``forward_from``, ``layout``, ``id``; ``encode``, ``decode``,
+``decode_change``, ``d_sae``, ``contract``, ``stats``; ``predict``, ``classes``, ``task``, ``kind``), which the
+library's models implement and so do the stand-ins of :mod:`sae_shared.remote`, computing through the activations,
+SAE and task-head services. Both give the same numbers, up to float rounding
+(tests/services/test_experiment_via_services.py).
 
 **Resumable.** :class:`Experiment` is a loop over image batches whose whole progress lives in an
 :class:`ExperimentState` (JSON + tensors, :meth:`ExperimentState.to_checkpoint`). A job checkpoints the state after

@@ -9,9 +9,10 @@ its reconstruction)::
     x'  = x;  x'[S] = x[S] + (sae.decode(f') - sae.decode(f))
     y'  = head.predict(backbone, backbone.forward_from(x', L))
 
-Tokens outside ``S`` are not touched at all, and within ``S`` the two decodes are separate calls of one shape on
-one code form, so when ``f' == f`` their difference is exactly zero and ``x' == x`` bit for bit (fp32); the
-prediction then equals the unhooked model's, however poor the SAE's reconstruction.
+Tokens outside ``S`` are not touched at all, and within ``S`` the difference of the two decodes is computed from the
+edited latents' columns alone (``SparseAutoencoder.decode_change``: ``(f' - f) W_dec · scale``, the same function),
+so where ``f' == f`` it is exactly zero and ``x' == x`` bit for bit (fp32); the prediction then equals the unhooked
+model's, however poor the SAE's reconstruction.
 
 Edits (:class:`Edit`) name a latent, an operation (``set``, ``scale``, ``add``), a value (absolute, or relative to
 the latent's observed maximum from the SAE's saved statistics: the paper's slider convention) and a token

@@ -16,15 +16,16 @@ in process or through the services (``ExperimentSpec.via``)::
   pixels: the service applies the backbone's own transform, so ``preprocess_batch`` keeps the images as they are),
   ``forward_from`` is ``Activations.ForwardFrom``; the layout comes from ``ListBackbones``.
 - :class:`RemoteSAE`: ``encode`` is ``SAE.Encode`` (CSR codes, made dense here: the values are the service's
-  exactly), ``decode`` is ``SAE.Decode`` (CSR codes, which the service makes dense before decoding); the
-  configuration, contract and statistics are read from the SAE's stored ``cfg.json`` and ``stats.safetensors``
-  (not its weights).
+  exactly), ``decode`` is ``SAE.Decode`` (CSR codes, which the service makes dense before decoding) and
+  ``decode_change`` the difference of two such calls; the configuration, contract and statistics are read from the
+  SAE's stored ``cfg.json`` and ``stats.safetensors`` (not its weights).
 - :class:`RemoteHead`: ``predict`` is ``TaskHead.Predict`` (with ``patch_logits`` for segmenters, whose changed
   patches an experiment counts); kind, classes and contract come from the head's stored ``cfg.json``.
 
 Every call is split so that its request and response stay within the services' limits (``Limits``, from
 ``Settings``: the same settings the services run with). The numbers equal the in-process models' up to the float
-rounding of a different batch composition and thread count (observed: ~1e-6 relative on CPU).
+rounding of a different batch composition and thread count, and of the edit's delta, which the local SAE computes
+from the edited columns only (observed: ~1e-6 relative on CPU).
 
 The client (grpc / httpx) is created by the caller; this module imports neither.
 """
@@ -250,10 +251,12 @@ class RemoteSAE:
         recon = torch.cat(parts) if parts else torch.zeros(0, self.d_model)
         return recon.reshape(*lead, self.d_model)
 
-    def decode_change(self, codes: Tensor, edited: Tensor, latents) -> Tensor:
-        """``decode(edited) - decode(codes)`` (two ``SAE.Decode`` calls; ``latents``, the columns that differ, is
-        the local SAE's shortcut and unused here)."""
-        return self.decode(edited) - self.decode(codes)
+    def decode_change(self, codes_ns: Tensor, edited_ns: Tensor, latents: Sequence[int]) -> Tensor:
+        """``decode(edited) - decode(codes)`` as two ``SAE.Decode`` calls (the service holds the weights;
+        ``latents``, the columns that differ, lets the local SAE decode only those and is unused here). Equal to the
+        local ``SparseAutoencoder.decode_change`` up to float rounding (~1e-6 relative), and exactly 0 in rows where
+        the codes agree."""
+        return self.decode(edited_ns) - self.decode(codes_ns)
 
     def __repr__(self) -> str:
         return f"RemoteSAE({self.sae_id!r}, d_sae={self.d_sae})"

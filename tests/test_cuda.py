@@ -131,7 +131,8 @@ def test_intervention_on_cuda_keeps_the_unedited_prediction_exactly_and_matches_
     torch.manual_seed(5)
     heads = {"probe": LinearProbe(["a", "b", "c"], HeadContract.for_backbone(cpu, "pooled")).eval(),
              "patches": PatchLinearHead(["x", "y", "z"], HeadContract.for_backbone(cpu, "patches")).eval()}
-    edits = [Edit(latent=7, op="scale", value=4.0, patches=AllPatches()), Edit(3, "set", 2.0, patches=PatchIndices((0, 5)))]
+    edits = [Edit(latent=7, op="scale", value=4.0, patches=AllPatches()),
+             Edit(3, "set", 2.0, patches=PatchIndices((0, 5)))]
     for name, head in heads.items():
         gpu_sae, gpu_head = copy.deepcopy(sae).to(DEV), copy.deepcopy(head).to(DEV)
         on_gpu, on_cpu = Intervener(cuda, gpu_sae, gpu_head, layer=LAYER), Intervener(cpu, sae, head, layer=LAYER)
@@ -147,3 +148,5 @@ def test_intervention_on_cuda_keeps_the_unedited_prediction_exactly_and_matches_
         assert close(got.prob_delta, want.prob_delta, 1e-3), name
         assert torch.equal(got.edited_tokens.cpu(), want.edited_tokens)
         assert not close(got.after.logits, got.before.logits, 1e-6), "the edit should change the prediction"
+        for field in ("mean_abs", "max_abs", "relative", "flips_per_token", "target_error", "n_tokens"):
+            assert close(getattr(got.drift, field), getattr(want.drift, field), 1e-3), (name, field)

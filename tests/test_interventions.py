@@ -300,6 +300,39 @@ def test_off_target_drift_is_zero_for_orthogonal_latents_and_measured_otherwise(
     assert float(d_random.relative.min()) > 1e-3 and float(d_random.mean_abs.min()) > 0
 
 
+def test_off_target_drift_equals_a_brute_force_fp64_computation(dinov2_reg4):
+    bb, layer = dinov2_reg4, 5
+    sae = random_sae(bb, layer, seed=9)
+    imgs = images(bb.layout, n=3, seed=4)
+    edits = [Edit(5, "set", 3.0, patches=Box(0, 0, 4, 4)), Edit(9, "scale", 0.0),
+             Edit(5, "add", 1.0, patches=PatchIndices((0, 30)))]
+    res = intervene(bb, sae, random_heads(bb)["probe"], imgs, edits)
+
+    with torch.inference_mode():  # by hand, per image, in fp64 over the dense [T, S] codes
+        x = bb.forward_to(imgs, layer)
+        edited = edit_residual(sae, x, edits, bb.layout)
+        f2 = torch.zeros(*edited.tokens_bt.shape, sae.d_sae)
+        f2[edited.tokens_bt] = edited.edited_ns
+        touched = torch.zeros_like(f2, dtype=torch.bool)  # the edited (token, latent) pairs
+        rows = edited.tokens_bt.nonzero()
+        for r, c in edited.pairs_m2.tolist():
+            touched[rows[r, 0], rows[r, 1], c] = True
+        re_codes = sae.encode(edited.resid_btd)
+    for b in range(3):
+        tok = edited.tokens_bt[b]
+        other = ~touched[b][tok]
+        got, want = re_codes[b][tok].double(), f2[b][tok].double()
+        diff = (got - want)[other]
+        assert res.drift.n_tokens[b] == int(tok.sum()) > 0
+        assert res.drift.mean_abs[b] == pytest.approx(float(diff.abs().mean()), rel=1e-5)
+        assert res.drift.max_abs[b] == pytest.approx(float(diff.abs().max()), rel=1e-6)
+        assert res.drift.relative[b] == pytest.approx(float(diff.norm() / want[other].norm()), rel=1e-5)
+        flips = ((got > 0) != (want > 0))[other].sum() / tok.sum()
+        assert res.drift.flips_per_token[b] == pytest.approx(float(flips), rel=1e-6)
+        edited_pairs = touched[b][tok]
+        assert res.drift.target_error[b] == pytest.approx(float((got - want)[edited_pairs].abs().mean()), rel=1e-5)
+
+
 # -- validation -----------------------------------------------------------------------------------------------------
 
 

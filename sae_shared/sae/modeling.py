@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
-from typing import NamedTuple, Union
+from typing import NamedTuple, Sequence, Union
 
 import torch
 import torch.nn.functional as F

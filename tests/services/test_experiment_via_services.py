@@ -10,7 +10,9 @@ the segmentation spec runs as a queued job on a real worker (in this process), t
 What may differ: float rounding. The services compute with their own threads and batch composition (calls are split
 to fit the request limits; the services merge concurrent requests), which could move results by ~1e-6 relative; so
 every count (flips, changed patches), chosen latent and predicted class must be equal, and every probability and
-drift close (rtol 1e-4). On the development machine (CPU) they came out bit for bit equal, calls split or not.
+drift close (rtol 1e-4). On the development machine (CPU) they came out bit for bit equal, calls split or not, until
+the local SAE began computing an edit's delta from the edited columns alone (``decode_change``; through the services
+it is two Decode calls): x' now differs by ~1e-6 relative, and the counts still agree.
 """
 
 from __future__ import annotations
