@@ -41,6 +41,7 @@ def timed(name: str, fn, n: int = 15):
 
 def main() -> None:
     from pydantic import SecretStr
+    from ray import serve
     from skimage import data
 
     from sae_shared.backbones import load_backbone
@@ -94,6 +95,10 @@ def main() -> None:
             head_id=B.HEAD, tokens=final.tokens, layout=final.layout), metadata=md("taskhead")))
         timed("Interventions.Intervene (gateway, all of the above)", lambda: gateway.Intervene(ipb.InterveneRequest(
             sae_id=B.SAE_ID, head_id=B.HEAD, images=[pb.Image(encoded=image)], edits=edits), metadata=md("gateway")))
+        gateway_handle = serve.get_app_handle("gateway")  # the same method, reached without the gRPC proxy
+        timed("the gateway's intervene through a DeploymentHandle from here (no gRPC proxy)",
+              lambda: gateway_handle.intervene.remote(ipb.InterveneRequest(
+                  sae_id=B.SAE_ID, head_id=B.HEAD, images=[pb.Image(encoded=image)], edits=edits)).result())
 
         print("\n| step (in process) | median |\n| --- | --- |")
         head = bb.segmentation_head()
