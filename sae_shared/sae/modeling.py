@@ -86,12 +86,21 @@ class ForwardOutput(NamedTuple):
 # --------------------------------------------------------------------------------------------------------------
 
 
+def latent_counts(indices: Tensor, s: int, weights: Tensor | None = None) -> Tensor:
+    """``[s]`` int64: how many times each latent appears in ``indices`` (summing the int ``weights`` instead, when
+    given). ``torch.bincount`` without its wait for a GPU: bincount reads the largest index back to the host to size
+    its output, a sync per call in every training step; the same speed on the CPU."""
+    flat = indices.reshape(-1)
+    ones = torch.ones_like(flat) if weights is None else weights.reshape(-1).to(torch.int64)
+    return torch.zeros(s, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, ones)
+
+
 def _latents_by_tokens(lat_m: Tensor, vals_m: Tensor, n: int, s: int, m: int) -> Tensor:
     """The ``n·m`` (token, latent, value) entries of ``[n, m]`` sparse codes as a CSR ``[s, n]`` matrix, rows sorted
     by latent (so ``mm`` with a dense ``[n, d]`` gives ``[s, d]`` in one MKL call, without COO's coalescing)."""
     order = torch.argsort(lat_m, stable=True)  # deterministic order within a row: reproducible sums
     crow = torch.zeros(s + 1, dtype=torch.int64, device=lat_m.device)
-    torch.cumsum(torch.bincount(lat_m, minlength=s), 0, out=crow[1:])
+    torch.cumsum(latent_counts(lat_m, s), 0, out=crow[1:])
     tok_m = torch.div(order, m, rounding_mode="floor")  # entry e of the flattened [n, m] belongs to token e // m
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
@@ -440,7 +449,7 @@ class SparseAutoencoder(nn.Module):
             fires, l0, fvu = None, nan, nan
             if isinstance(codes, SparseCodes):
                 firing_nk = codes.values > 0
-                fires = torch.bincount(codes.indices[firing_nk], minlength=self.d_sae)
+                fires = latent_counts(codes.indices, self.d_sae, firing_nk)
                 fired = fires > 0
                 if metrics:
                     l0 = firing_nk.sum(-1).float().mean()

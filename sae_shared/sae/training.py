@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from sae_shared.sae.config import BatchTopK, Relu, TopK, TrainConfig
-from sae_shared.sae.modeling import Normalisation, SparseAutoencoder, SparseCodes
+from sae_shared.sae.modeling import Normalisation, SparseAutoencoder, SparseCodes, latent_counts
 from sae_shared.sae.stats import DENSE_FREQUENCY, EvalMetrics, compute_stats_many, decoder_coherence
 
 
@@ -218,7 +218,7 @@ class Trainer:
 
             fired_s = out.fired if out.fired is not None else _fire_counts(out.codes, cfg.d_sae) > 0
             self.since_fired[i] += n
-            self.since_fired[i][fired_s] = 0
+            self.since_fired[i].masked_fill_(fired_s, 0)  # not `[fired_s] = 0`: a boolean index waits for the GPU
             if out.fires is not None:
                 self.window_fires[i] += out.fires
                 self.window_counted[i] += n
@@ -323,8 +323,7 @@ def _fire_counts(codes: Tensor | SparseCodes, d_sae: int) -> Tensor:
     """Tokens of the batch on which each latent fired, ``[d_sae]`` int64."""
     with torch.no_grad():
         if isinstance(codes, SparseCodes):
-            idx = codes.indices[codes.values > 0]
-            return torch.bincount(idx, minlength=d_sae)
+            return latent_counts(codes.indices, d_sae, codes.values > 0)
         return (codes > 0).sum(0)
 
 
