@@ -411,3 +411,12 @@ def test_paper_defaults():
     member = TrainConfig(SAEConfig(8, 16)).members[0]
     assert member.lr == 4e-4 and TrainConfig(SAEConfig(8, 16)).warmup_steps == 500
     assert isinstance(SparseCodes(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1)), tuple)
+
+
+def test_latent_counts_equal_bincount_with_and_without_weights():
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, S, (64, 5), generator=g)
+    firing = torch.rand(64, 5, generator=g) > 0.3
+    assert torch.equal(modeling.latent_counts(idx, S), torch.bincount(idx.flatten(), minlength=S))
+    assert torch.equal(modeling.latent_counts(idx, S, firing), torch.bincount(idx[firing], minlength=S))
+    assert modeling.latent_counts(idx[:0], S).tolist() == [0] * S
