@@ -13,9 +13,8 @@ With ``--train``: ``Trainer.step`` and a torch profile of it, per variant.
 from __future__ import annotations
 
 import argparse
-import statistics
+import importlib.util
 import sys
-import time
 from pathlib import Path
 
 # As in bench/gpu.py: bench/queue.py must not shadow the standard library's queue.
@@ -25,6 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("bench_gpu", Path(__file__).resolve().parent / "gpu.py")
+gpu = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu)  # its sync() and timed() (median seconds over repeats, synchronised around each call)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,16 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     imgs = torch.randn(batch, 3, size, size, device=dev)
 
     def timed(name: str, fn) -> None:
-        for _ in range(2):
-            fn()
-        times = []
-        for _ in range(10):
-            sync(dev)
-            t0 = time.perf_counter()
-            fn()
-            sync(dev)
-            times.append(time.perf_counter() - t0)
-        print(f"  {name:<34} {statistics.median(times) * 1e3:8.2f} ms", flush=True)
+        print(f"  {name:<34} {gpu.timed(fn, dev, warmup=2, repeats=10) * 1e3:8.2f} ms", flush=True)
 
     print(f"device: {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}, {model} {size}px "
           f"b={batch}, torch {torch.__version__}")
@@ -89,19 +83,19 @@ def main(argv: list[str] | None = None) -> int:
             timed("  sae.encode (dense, fp32)", lambda: sae.encode(x_nd))
             timed("  sae.decode (dense, fp32)", lambda: sae.decode(codes_ns))
         if not args.no_profile:
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-            with profile(activities=activities) as prof:
-                for _ in range(3):
-                    iv.run(prepared, edits, drift=True)
-                sync(dev)
-            key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
-            print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=40))
+            print_profile(lambda: iv.run(prepared, edits, drift=True), dev, rows=15)
     return 0
 
 
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+def print_profile(fn, dev: torch.device, rows: int) -> None:
+    """torch's profile of three calls of ``fn``, the ops with the most device (else CPU) time first."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            fn()
+        gpu.sync(dev)
+    key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=50))
 
 
 def train_parts(dev: torch.device, quick: bool, with_profile: bool) -> int:
@@ -115,25 +109,10 @@ def train_parts(dev: torch.device, quick: bool, with_profile: bool) -> int:
         cfg = TrainConfig(members=SAEConfig(d, s, variant), batch_size=n, warmup_steps=10, log_every=10**9,
                           autocast=autocast, device=str(dev))
         trainer = Trainer(cfg, total_steps=10**6, init_sample_nd=x_nd)
-        for _ in range(3):
-            trainer.step(x_nd)
-        sync(dev)
-        times = []
-        for _ in range(10):
-            t0 = time.perf_counter()
-            trainer.step(x_nd)
-            sync(dev)
-            times.append(time.perf_counter() - t0)
-        print(f"{variant.kind} d={d} s={s} n={n} ({autocast}): Trainer.step {statistics.median(times) * 1e3:.2f} ms",
-              flush=True)
+        step_s = gpu.timed(lambda: trainer.step(x_nd), dev, warmup=3, repeats=10)
+        print(f"{variant.kind} d={d} s={s} n={n} ({autocast}): Trainer.step {step_s * 1e3:.2f} ms", flush=True)
         if with_profile:
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-            with profile(activities=activities) as prof:
-                for _ in range(3):
-                    trainer.step(x_nd)
-                sync(dev)
-            key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
-            print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=50))
+            print_profile(lambda: trainer.step(x_nd), dev, rows=25)
     return 0
 
 

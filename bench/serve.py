@@ -109,14 +109,14 @@ class InProcess:
         return labels[:n], labels[n:]
 
 
-class Shortcut(InProcess):
+class Shortcut:
     """The baseline before session 4: the same steps written by hand, with less work in two places (the edit
     without token selections and with a one-number drift; the saliency decoder's logits without the head's
     per-patch probabilities). Reported beside the main ratio for comparison with earlier runs."""
 
     def __init__(self, backbone, sae, latents: list[int]):
-        super().__init__(backbone, sae, latents)
-        self.latents, self.decoder = latents, backbone.segmentation_head()
+        self.backbone, self.sae, self.latents = backbone, sae, latents
+        self.decoder = backbone.segmentation_head()
 
     @torch.inference_mode()
     def intervene(self, images: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
